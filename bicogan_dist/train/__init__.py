@@ -1,0 +1,1 @@
+"""Training: config, engines (Accelerate DDP, DeepSpeed), the loop, checkpoints, monitoring."""

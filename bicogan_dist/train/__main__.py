@@ -1,0 +1,39 @@
+"""``accelerate launch [...] -m bicogan_dist.train --config EXP.yaml [--resume latest|PATH] [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bicogan_dist.config import ConfigError
+from bicogan_dist.data.manifest import ShardError
+from bicogan_dist.train.checkpoint import CheckpointError
+from bicogan_dist.train.config import load_config
+from bicogan_dist.train.trainer import NonFiniteLossError, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bicogan_dist.train",
+        description="Train a BiCoGAN (or gan/cgan/bigan) on webdataset shards; launch with `accelerate launch`.",
+    )
+    parser.add_argument("--config", help="experiment YAML (launch_configs/experiments/*.yaml); defaults if omitted")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue the run in log.run_dir from its newest checkpoint, or from a checkpoint path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.max_steps=200 data.shards=data_shards/fer2013")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, resume=args.resume)
+    except (ConfigError, ShardError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    print(f"done: {result.run_dir} at step {result.step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The BiCoGAN training loop, readable top to bottom.
+
+One iteration ("step"): a single forward of G(z, c) and E(x) shared by both updates;
+the D update on (real, fake) tuples concatenated into one batch; then the G/E update
+through the plain D module with D frozen (so D's DDP hooks never fire in the G/E
+step), plus the extrinsic factor loss on E's emotion logits for real images.
+
+Exact resume: the data order is a pure function of (seed, epoch, rank) and z of
+(seed, step, rank), so a checkpoint needs models, optimizers, scalers, EMA, each
+rank's torch RNG and the step; epoch and the EFL schedule's t follow from the step.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from bicogan_dist.config import ConfigError
+from bicogan_dist.data.augment import build_augmenter
+from bicogan_dist.data.loader import build_loader, load_split
+from bicogan_dist.imaging import to_model_range
+from bicogan_dist.models.losses import clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty
+from bicogan_dist.models.networks import build_models
+from bicogan_dist.train import checkpoint as ckpt
+from bicogan_dist.train.config import ExperimentConfig
+from bicogan_dist.train.monitor import Monitor, encoder_accuracy
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves in memory: tests and tools inspect the live modules."""
+
+    run_dir: Path
+    step: int
+    engine: object
+    G_ema: torch.nn.Module
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; the message names the step and the loss."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the z noise drawn at ``step`` on ``rank`` (63-bit, stable across Python runs)."""
+    digest = hashlib.blake2b(f"z/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def make_engine(cfg: ExperimentConfig):
+    if cfg.train.engine == "deepspeed":
+        from bicogan_dist.train.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg.train.deepspeed_config, cfg.train.mixed_precision)
+    from bicogan_dist.train.engine import AccelerateEngine
+
+    return AccelerateEngine(cfg.train.mixed_precision)
+
+
+class StopFlags:
+    """SIGTERM/SIGINT (a cluster's preemption, Ctrl-C) ask for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from; refuses to mix a new run into an old one."""
+    run_dir = Path(cfg.log.run_dir)
+    start = ckpt.resolve_checkpoint(resume, run_dir) if resume else None
+    if resume is None and ckpt.list_checkpoints(run_dir):
+        raise ConfigError(f"log.run_dir: {run_dir} already holds checkpoints; pass --resume latest to continue it "
+                          f"or choose another log.run_dir")
+    return run_dir, start
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
+    """Run (or continue) one training run."""
+    engine = make_engine(cfg)
+    run_dir, start_ckpt = prepare_run_dir(cfg, resume)
+    device, rank, world = engine.device, engine.rank, engine.world_size
+
+    augmenter = build_augmenter(cfg.augment)
+    data = build_loader(cfg.data, rank=rank, world_size=world, device=device, seed=cfg.train.seed,
+                        augmenter=augmenter)
+    label_names = list(data.label_names)
+    n_cls = len(label_names)
+    per_epoch = data.batches_per_epoch
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    models = build_models(cfg.model, n_cls)
+    G_ema = copy.deepcopy(models.G).to(device).requires_grad_(False)
+    engine.prepare(models, cfg.optim, compile_models=cfg.train.compile, channels_last=cfg.model.channels_last)
+    ge_raw, D_raw = engine.unwrap("ge"), engine.unwrap("d")
+    kind = cfg.model
+    conditional, bidirectional = kind.conditional, kind.bidirectional
+    efl_on = conditional and bidirectional
+
+    start_step = 0
+    if start_ckpt is not None:
+        start_step = load_checkpoint(start_ckpt, engine, G_ema, cfg)
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_incomplete(run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    engine.barrier()
+
+    heldout_x = heldout_y = torch.empty(0, device=device)
+    if bidirectional and cfg.log.heldout_split in data.splits:
+        hx, hy = load_split(cfg.data.shards, cfg.log.heldout_split, device=device, limit=cfg.log.heldout_size)
+        heldout_x, heldout_y = to_model_range(hx), hy
+    fixed_z = torch.randn(cfg.log.grid_columns, cfg.model.z_dim,
+                          generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
+
+    monitor = Monitor(run_dir, engine.is_main, cfg.train.max_steps, start_step, cfg.log.progress)
+    monitor.write(f"run {run_dir}: {cfg.model.kind}/{cfg.model.arch}, {world} process(es) on {device.type}, "
+                  f"precision {engine.mixed_precision}, {per_epoch} batches/epoch of {cfg.data.batch_size}/process, "
+                  f"starting at step {start_step}")
+    stop = StopFlags()
+    sums: dict[str, torch.Tensor] = {}
+    n_sum, t_last, step_last = 0, time.perf_counter(), start_step
+    batches = None
+    step = start_step
+    try:
+        while step < cfg.train.max_steps:
+            epoch, in_epoch = divmod(step, per_epoch)
+            if batches is None or in_epoch == 0:
+                batches = data.epoch(epoch, start_batch=in_epoch)
+            x_u8, y = next(batches)
+            x = to_model_range(x_u8)
+            if cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            b = x.shape[0]
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
+            z = torch.randn(b, cfg.model.z_dim, device=device, generator=gen)
+            c = y if conditional else None
+            want_norm = (step + 1) % cfg.log.log_every == 0
+
+            # One forward of G and E, shared by both updates.
+            with engine.autocast():
+                fake, z_hat, c_logits = engine.ge(z, c, x if bidirectional else None)
+            c_fake = F.one_hot(y, n_cls).float() if conditional else None
+            if not conditional:
+                c_real = None
+            elif bidirectional:
+                c_real = c_logits.float().softmax(1)
+            else:
+                c_real = c_fake
+            z_real = z_hat if bidirectional else None
+
+            # --- D update: real and fake tuples in one batch.
+            real_t = (x, _detach(z_real), _detach(c_real))
+            fake_t = (fake.detach(), z if bidirectional else None, c_fake)
+            D_raw.requires_grad_(True)
+            with engine.autocast():
+                scores = engine.d(*_cat(real_t, fake_t)).float()
+            s_real, s_fake = scores[:b], scores[b:]
+            loss_d = d_loss(cfg.loss, s_real, s_fake)
+            if cfg.loss.loss == "wgan_gp":
+                loss_d = loss_d + cfg.loss.gp_weight * gradient_penalty(D_raw, real_t, fake_t)
+            if cfg.train.inject_nan_at_step == step:
+                loss_d = loss_d * float("nan")
+            norm_d = engine.step("d", loss_d, want_norm)
+            if cfg.loss.loss == "wgan":
+                clip_weights_(D_raw, cfg.loss.clip_value)
+
+            # --- G/E update through the plain, frozen D.
+            D_raw.requires_grad_(False)
+            real_t = (x, z_real, c_real)
+            fake_t = (fake, z if bidirectional else None, c_fake)
+            with engine.autocast():
+                if bidirectional:
+                    scores = D_raw(*_cat(real_t, fake_t)).float()
+                    g_real, g_fake = scores[:b], scores[b:]
+                else:
+                    g_real, g_fake = None, D_raw(*fake_t).float()
+            loss_adv = ge_loss(cfg.loss, g_real, g_fake)
+            gamma = efl_weight(step / per_epoch, cfg.loss.efl_alpha, cfg.loss.efl_rho, cfg.loss.efl_phi)
+            loss_efl = efl_loss(c_logits.float(), y) if efl_on else torch.zeros((), device=device)
+            loss_ge = loss_adv + gamma * loss_efl
+            norm_ge = engine.step("ge", loss_ge, want_norm)
+            update_ema(G_ema, ge_raw.G, cfg.train.ema_decay)
+
+            # Every rank learns whether any rank saw a non-finite loss or a stop signal.
+            flags = engine.all_reduce(torch.stack([
+                (~torch.isfinite(torch.stack([loss_d.detach(), loss_ge.detach()]))).any().float(),
+                torch.tensor(float(stop.requested), device=device),
+            ]), op="max").tolist()
+            if flags[0]:
+                raise NonFiniteLossError(
+                    f"step {step}: non-finite loss (loss/d={float(loss_d):.4g}, loss/ge={float(loss_ge):.4g}, "
+                    f"loss/efl={float(loss_efl):.4g}) on at least one rank; stopped without saving. "
+                    f"Resume from the last good checkpoint with a lower learning rate or bf16 instead of fp16.")
+            step += 1
+            monitor.advance()
+
+            metrics = {"loss/d": loss_d, "loss/ge": loss_ge, "loss/ge_adversarial": loss_adv, "loss/efl": loss_efl,
+                       "D/real_score": s_real.mean(), "D/fake_score": s_fake.mean()}
+            if efl_on:
+                metrics["encoder/batch_accuracy"] = (c_logits.argmax(1) == y).float().mean()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            n_sum += 1
+
+            if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
+                keys = sorted(sums)
+                mean = engine.all_reduce(torch.stack([sums[k] for k in keys])) / (n_sum * world)
+                now = time.perf_counter()
+                values = dict(zip(keys, mean.tolist()))
+                values.update({
+                    "efl/gamma": gamma, "lr/ge": engine.learning_rate("ge"), "lr/d": engine.learning_rate("d"),
+                    "perf/images_per_s": (step - step_last) * b * world / max(now - t_last, 1e-9),
+                    "epoch": step / per_epoch,
+                })
+                if norm_d is not None:
+                    values.update({"grad_norm/d": norm_d, "grad_norm/ge": norm_ge})
+                if efl_on and heldout_x.numel():
+                    values["encoder/heldout_accuracy"] = encoder_accuracy(ge_raw.E, heldout_x, heldout_y)
+                monitor.scalars(step, values)
+                sums, n_sum, t_last, step_last = {}, 0, now, step
+
+            if step % cfg.log.image_every == 0 or step == cfg.train.max_steps:
+                monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
+                               heldout_x[:8], heldout_y[:8])
+            if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps or flags[1]:
+                saved = save_checkpoint(run_dir, step, engine, G_ema, cfg, per_epoch)
+                monitor.write(f"step {step}: checkpoint {saved}")
+            if flags[1]:
+                monitor.write(f"step {step}: stop signal received; checkpoint saved, exiting")
+                break
+    finally:
+        monitor.close()
+    return TrainResult(run_dir, step, engine, G_ema)
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _cat(a: tuple, b: tuple) -> tuple:
+    """Concatenate two (x, z, c) tuples along the batch; None parts stay None."""
+    return tuple(None if p is None else torch.cat([p, q]) for p, q in zip(a, b))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)
+
+
+def save_checkpoint(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig,
+                    per_epoch: int) -> Path:
+    tmp = ckpt.begin(run_dir, step)
+    if engine.is_main:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    engine.barrier()
+    engine.save(tmp)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng-rank{engine.rank}.pt")
+    if engine.is_main:
+        save_file({k: v.detach().cpu().contiguous() for k, v in G_ema.state_dict().items()},
+                  str(tmp / "ema.safetensors"))
+    engine.barrier()
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if engine.is_main:
+        final = ckpt.commit(tmp, {
+            "step": step, "epoch": step / per_epoch, "batches_per_epoch": per_epoch,
+            "world_size": engine.world_size, "engine": engine.name, "model": cfg.to_dict()["model"],
+        }, keep=cfg.log.keep_checkpoints)
+    engine.barrier()
+    return final
+
+
+def load_checkpoint(folder: Path, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig) -> int:
+    state = ckpt.read_state(folder)
+    if state.get("model") != cfg.to_dict()["model"]:
+        raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}); "
+                          f"resume with the run's own config.yaml")
+    if state.get("engine", "ddp") != engine.name:
+        raise ConfigError(f"train.engine: checkpoint {folder} was written by {state.get('engine')}, "
+                          f"this run uses {engine.name}")
+    engine.load(folder)
+    G_ema.load_state_dict(load_file(str(folder / "ema.safetensors"), device=str(engine.device)))
+    rng_file = folder / f"rng-rank{engine.rank}.pt"
+    if rng_file.is_file() and state.get("world_size") == engine.world_size:
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif engine.is_main:
+        print(f"warning: resuming a {state.get('world_size')}-process checkpoint on {engine.world_size} processes: "
+              f"the data order differs from a straight run", flush=True)
+    return int(state["step"])
+
