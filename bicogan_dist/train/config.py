@@ -47,7 +47,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile G, E and D
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine: deepspeed)
-    # Debugging aid for tests: make the D loss NaN at this step to exercise the non-finite stop.
+    # Debugging aid for tests: make the D loss NaN at this step (steps count from 1) to exercise the non-finite stop.
     inject_nan_at_step: int | None = None
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from bicogan_dist.config import ConfigError
 from bicogan_dist.data.augment import build_augmenter
 from bicogan_dist.data.loader import build_loader, load_split
+from bicogan_dist.data.manifest import ShardManifest
 from bicogan_dist.imaging import to_model_range
 from bicogan_dist.models.losses import clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty
 from bicogan_dist.models.networks import build_models
@@ -118,7 +119,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
     engine.barrier()
 
     heldout_x = heldout_y = torch.empty(0, device=device)
-    if bidirectional and cfg.log.heldout_split in data.splits:
+    if bidirectional and cfg.log.heldout_split in ShardManifest.load(cfg.data.shards).splits:
         hx, hy = load_split(cfg.data.shards, cfg.log.heldout_split, device=device, limit=cfg.log.heldout_size)
         heldout_x, heldout_y = to_model_range(hx), hy
     fixed_z = torch.randn(cfg.log.grid_columns, cfg.model.z_dim,
@@ -170,7 +171,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
             loss_d = d_loss(cfg.loss, s_real, s_fake)
             if cfg.loss.loss == "wgan_gp":
                 loss_d = loss_d + cfg.loss.gp_weight * gradient_penalty(D_raw, real_t, fake_t)
-            if cfg.train.inject_nan_at_step == step:
+            if cfg.train.inject_nan_at_step == step + 1:
                 loss_d = loss_d * float("nan")
             norm_d = engine.step("d", loss_d, want_norm)
             if cfg.loss.loss == "wgan":
@@ -200,7 +201,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
             ]), op="max").tolist()
             if flags[0]:
                 raise NonFiniteLossError(
-                    f"step {step}: non-finite loss (loss/d={float(loss_d):.4g}, loss/ge={float(loss_ge):.4g}, "
+                    f"step {step + 1}: non-finite loss (loss/d={float(loss_d):.4g}, loss/ge={float(loss_ge):.4g}, "
                     f"loss/efl={float(loss_efl):.4g}) on at least one rank; stopped without saving. "
                     f"Resume from the last good checkpoint with a lower learning rate or bf16 instead of fp16.")
             step += 1
@@ -235,7 +236,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
             if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps or flags[1]:
-                saved = save_checkpoint(run_dir, step, engine, G_ema, cfg, per_epoch)
+                saved = save_checkpoint(run_dir, step, engine, G_ema, cfg, per_epoch, label_names)
                 monitor.write(f"step {step}: checkpoint {saved}")
             if flags[1]:
                 monitor.write(f"step {step}: stop signal received; checkpoint saved, exiting")
@@ -263,7 +264,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig,
-                    per_epoch: int) -> Path:
+                    per_epoch: int, label_names: list[str]) -> Path:
     tmp = ckpt.begin(run_dir, step)
     if engine.is_main:
         if tmp.exists():
@@ -286,6 +287,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, cf
         final = ckpt.commit(tmp, {
             "step": step, "epoch": step / per_epoch, "batches_per_epoch": per_epoch,
             "world_size": engine.world_size, "engine": engine.name, "model": cfg.to_dict()["model"],
+            "label_names": label_names,
         }, keep=cfg.log.keep_checkpoints)
     engine.barrier()
     return final

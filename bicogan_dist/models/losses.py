@@ -1,0 +1,133 @@
+"""Adversarial objectives, WGAN helpers and the extrinsic factor loss (EFL) of BiCoGAN.
+
+Scores are D's raw outputs (no sigmoid). ``real_scores`` are D's scores of real tuples
+(x, E(x)) and ``fake_scores`` those of fake tuples (G(z, c), z, c).
+
+In a BiGAN/BiCoGAN the encoder is trained through the *real* tuples: E wants D to call
+real tuples fake while G wants fake tuples called real, so the G/E objective uses both
+scores with the labels swapped. For gan/cgan callers pass ``real_scores=None`` (real
+scores do not depend on G there, so including them would only shift the value).
+
+=========  ==========================================  =============================================
+loss       D minimises                                 G/E minimise (real term only if given)
+=========  ==========================================  =============================================
+bce        softplus(-real) + softplus(fake)            softplus(real) + softplus(-fake)
+           (BCE: real→1, fake→0)                       (non-saturating, labels swapped: the paper's)
+hinge      relu(1 - real) + relu(1 + fake)             real - fake
+wgan(_gp)  fake - real                                 real - fake
+=========  ==========================================  =============================================
+
+Every term is a batch mean. WGAN-GP adds ``gp_weight * gradient_penalty(...)`` to the
+D loss; WGAN clips D's parameters to ``[-clip_value, clip_value]`` after each D step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bicogan_dist.config import ConfigError
+
+LOSSES: tuple[str, ...] = ("bce", "hinge", "wgan", "wgan_gp")
+
+
+@dataclass
+class LossConfig:
+    """Adversarial loss choice, WGAN settings and the EFL weight schedule."""
+
+    loss: Literal["bce", "hinge", "wgan", "wgan_gp"] = "bce"  # bce = non-saturating, the paper's
+    gp_weight: float = 10.0  # WGAN-GP penalty weight
+    clip_value: float = 0.01  # WGAN weight clipping bound
+    efl_alpha: float = 5.0  # EFL weight gamma = min(alpha * exp(rho * t), phi), t in epochs
+    efl_rho: float = 0.25
+    efl_phi: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss.loss: {self.loss!r} is not one of {list(LOSSES)}")
+        for name in ("gp_weight", "clip_value", "efl_alpha", "efl_rho", "efl_phi"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"loss.{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("gp_weight", "efl_alpha", "efl_phi"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_value <= 0:
+            raise ConfigError(f"loss.clip_value must be > 0, got {self.clip_value}")
+
+
+def efl_weight(epochs: float, alpha: float, rho: float, phi: float) -> float:
+    """EFL weight ``gamma = min(alpha * exp(rho * t), phi)`` after ``t = epochs`` (fractional) epochs.
+
+    Grows from alpha so the encoder's emotion head counts more as G improves, capped at
+    phi; with 5, 0.25, 10 it saturates at t = ln 2 / 0.25 ≈ 2.77 epochs.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    return float(min(alpha * math.exp(min(rho * epochs, 700.0)), phi))
+
+
+def d_loss(cfg: LossConfig, real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """D's adversarial loss (without the gradient penalty)."""
+    if cfg.loss == "bce":
+        return F.softplus(-real_scores).mean() + F.softplus(fake_scores).mean()
+    if cfg.loss == "hinge":
+        return F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean()
+    return fake_scores.mean() - real_scores.mean()  # wgan, wgan_gp
+
+
+def ge_loss(cfg: LossConfig, real_scores: torch.Tensor | None, fake_scores: torch.Tensor) -> torch.Tensor:
+    """G/E adversarial loss: fake tuples should score real and, when given, real tuples fake."""
+    if cfg.loss == "bce":
+        loss = F.softplus(-fake_scores).mean()
+        return loss if real_scores is None else loss + F.softplus(real_scores).mean()
+    loss = -fake_scores.mean()  # hinge (the usual generator form) and wgan
+    return loss if real_scores is None else loss + real_scores.mean()
+
+
+Tuple3 = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+
+
+def gradient_penalty(D: Callable[..., torch.Tensor], real: Tuple3, fake: Tuple3,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP: mean of (||grad D(u)|| - 1)^2 over random interpolates u of real and fake tuples.
+
+    x, z and c are interpolated with the same per-sample epsilon (None parts stay None),
+    and the norm is taken over the gradient with respect to all interpolated inputs
+    together, since D is a function of the joint tuple. Returns the unweighted penalty.
+    """
+    x_real = real[0]
+    b = x_real.shape[0]
+    eps = torch.rand(b, device=x_real.device, dtype=torch.float32, generator=generator)
+    inputs: list[torch.Tensor | None] = []
+    for i, (r, f) in enumerate(zip(real, fake)):
+        if r is None and f is None:
+            inputs.append(None)
+            continue
+        if r is None or f is None:
+            raise ValueError(f"gradient_penalty: part {('x', 'z', 'c')[i]} is None in one tuple only")
+        e = eps.view(b, *([1] * (r.dim() - 1))).to(r.dtype)
+        inputs.append((e * r.detach() + (1 - e) * f.detach()).requires_grad_(True))
+    scores = D(*inputs)
+    used = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(scores.sum(), used, create_graph=True)
+    sq = sum(g.float().reshape(b, -1).pow(2).sum(1) for g in grads)
+    norm = torch.sqrt(sq + 1e-12)
+    return (norm - 1.0).pow(2).mean()
+
+
+@torch.no_grad()
+def clip_weights_(D: nn.Module, clip_value: float) -> None:
+    """WGAN weight clipping: clamp every parameter of D to [-clip_value, clip_value] in place."""
+    for p in D.parameters():
+        p.clamp_(-clip_value, clip_value)
+
+
+def efl_loss(c_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Extrinsic factor loss: cross-entropy between E's emotion logits and the true emotion."""
+    return F.cross_entropy(c_logits, labels)

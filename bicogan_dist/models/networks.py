@@ -1,0 +1,420 @@
+"""G, E and D for every GAN variant the paper walks through, from one configurable builder.
+
+The variants differ only in which inputs G and D see and whether an encoder exists:
+
+============  ==========  ======================  ==============
+kind          G           E                       D
+============  ==========  ======================  ==============
+``gan``       G(z)        —                       D(x)
+``cgan``      G(z, c)     —                       D(x, c)
+``bigan``     G(z)        E(x) → z_hat            D(x, z)
+``bicogan``   G(z, c)     E(x) → (z_hat, logits)  D(x, z, c)
+============  ==========  ======================  ==============
+
+All kinds share one signature per network (unused inputs are ``None`` and ignored), so
+the trainer, EMA, export and sampling code never branch on the kind:
+
+- ``G(z: (B, z_dim) float, c: (B,) long | None) -> (B, 1, 48, 48)`` in [-1, 1] (tanh).
+- ``E(x: (B, 1, 48, 48)) -> (z_hat (B, z_dim), c_logits (B, num_classes) | None)``.
+- ``D(x, z: (B, z_dim) | None, c: (B, num_classes) float | None) -> (B,)`` raw score.
+  D takes the emotion as a probability / one-hot *vector*: one_hot(c) for fake tuples,
+  softmax(E's logits) for real tuples in BiCoGAN, one_hot(label) for real ones in cGAN.
+  D has no batch statistics by default, so one forward over a concatenated real+fake
+  batch scores each sample independently (DESIGN.md §6).
+
+Two architectures:
+
+``ours`` (default) — a DCGAN-style design for 48x48 with channel multiplier ``width``
+(base channels ``C = 8 * max(1, round(8 * width))``, i.e. 64 at width 1, 16 at 0.25):
+G concatenates z with a learned class embedding (concatenation keeps z and c separable;
+the paper's product lets a near-zero embedding entry erase a z coordinate), a Linear
+layer makes 6x6x4C, three nearest-upsample + 3x3 conv + BatchNorm + ReLU blocks reach
+48x48xC/2, a 3x3 conv and tanh give the image. E is a 4x4 stride-2 conv stack
+(48→24→12→6, C→2C→4C) with GroupNorm (no batch statistics, so nothing to synchronise
+under DDP) and LeakyReLU(0.2), with Linear heads for z_hat and the emotion logits. D is a
+BiGAN-style joint discriminator: the same conv stack on x (spectral norm, LeakyReLU, no
+BatchNorm unless ``d_batchnorm``) → Linear to 8C features, an MLP on z, a Linear
+embedding of c, and a joint MLP on the concatenation → 1 score. Weights start at
+DCGAN's normal(0, 0.02). Parameter counts at width 1, 6 classes, z_dim 100 (bicogan):
+G 2.74 M, E 2.67 M, D 9.86 M; at width 0.25: G 0.22 M, E 0.17 M, D 0.64 M.
+
+``paper`` — the seed paper's published Keras networks, layer for layer (``width``,
+``spectral_norm`` and ``d_batchnorm`` do not apply; ``describe`` reports the effective
+values): G multiplies z by a learned z_dim embedding of the emotion, Dense to 12x12x128
++ LeakyReLU(0.2), two ConvTranspose(128, 4x4, stride 2) + LeakyReLU(0.2) (12→24→48), a
+12x12 "same" conv to 1 channel and tanh. E: Conv 64/128/256/512 (5x5, stride 2, "same")
+with LeakyReLU(0.2) and BatchNorm on the last three, Flatten, Dense → z_dim, plus the
+emotion head (Dense → num_classes) that the paper's code lacks. D: five Conv(128, 5x5)
+with LeakyReLU(0.2) (stride 1 then 2, 2, 2, 2: 48→48→24→12→6→3), Flatten (1152),
+concatenated with z and a Linear(num_classes, 2304) embedding of the emotion vector,
+Dense → 1. Initialisation follows Keras defaults (Glorot-uniform kernels, zero biases,
+uniform(-0.05, 0.05) embeddings, BatchNorm momentum 0.01 in torch terms and eps 1e-3).
+Keras "same" padding with stride 2 pads one pixel less on the top/left than torch's
+symmetric padding; shapes and parameter counts are identical. Parameter counts (6 classes,
+z_dim 100, bicogan): G 2.44 M, E 4.46 M, D 1.66 M.
+
+Structure is a pure function of ``(ModelConfig, num_classes)``: export and checkpoint code
+rebuild the networks from those two and get the same state_dict keys and shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from bicogan_dist.config import ConfigError
+
+KINDS: tuple[str, ...] = ("gan", "cgan", "bigan", "bicogan")
+ARCHS: tuple[str, ...] = ("ours", "paper")
+IMAGE_SHAPE: tuple[int, int, int] = (1, 48, 48)
+
+
+@dataclass
+class ModelConfig:
+    """Which GAN variant and which architecture; validated on construction."""
+
+    kind: Literal["gan", "cgan", "bigan", "bicogan"] = "bicogan"
+    arch: Literal["ours", "paper"] = "ours"
+    z_dim: int = 100
+    width: float = 1.0  # channel multiplier of ``ours``; must stay 1.0 for ``paper`` (fixed widths)
+    spectral_norm: bool = True  # spectral norm on every D layer (``ours``; ignored by ``paper``)
+    d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, DESIGN.md §6
+    channels_last: bool = False  # build the conv weights in channels_last memory format
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"model.kind: {self.kind!r} is not one of {list(KINDS)}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch: {self.arch!r} is not one of {list(ARCHS)}")
+        if isinstance(self.z_dim, bool) or not isinstance(self.z_dim, int) or self.z_dim < 1:
+            raise ConfigError(f"model.z_dim must be an integer >= 1, got {self.z_dim!r}")
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) \
+                or not math.isfinite(self.width) or self.width <= 0:
+            raise ConfigError(f"model.width must be a number > 0, got {self.width!r}")
+        self.width = float(self.width)
+        for name in ("spectral_norm", "d_batchnorm", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.arch == "paper":
+            if self.width != 1.0:
+                raise ConfigError(f"model.width: the paper architecture has fixed layer widths; "
+                                  f"use width 1.0 with arch=paper (got {self.width})")
+            if self.d_batchnorm:
+                raise ConfigError("model.d_batchnorm: the paper architecture's D has no BatchNorm; "
+                                  "d_batchnorm applies to arch=ours only")
+
+    @property
+    def conditional(self) -> bool:
+        """G and D see the emotion c."""
+        return self.kind in ("cgan", "bicogan")
+
+    @property
+    def bidirectional(self) -> bool:
+        """An encoder E exists and D scores (x, z) tuples."""
+        return self.kind in ("bigan", "bicogan")
+
+    @property
+    def base_channels(self) -> int:
+        """C of ``ours``: 64 * width rounded to a multiple of 8 (at least 8)."""
+        return 8 * max(1, round(8 * self.width))
+
+
+# ----------------------------------------------------------------------------- helpers
+def count_parameters(module: nn.Module | None) -> int:
+    """Number of parameters (trainable or not); 0 for ``None``."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm group count: about 8 channels per group, at most 32, dividing ``channels``."""
+    g = max(1, min(32, channels // 8))
+    while channels % g:
+        g -= 1
+    return g
+
+
+def _need(t: torch.Tensor | None, name: str, kind: str, net: str) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"{net} of a {kind!r} model needs {name}, got None")
+    return t
+
+
+def _check_c(c: torch.Tensor, num_classes: int) -> None:
+    if c.dim() != 2 or c.shape[1] != num_classes or not c.is_floating_point():
+        raise ValueError(f"D takes c as a float (B, {num_classes}) probability/one-hot vector, "
+                         f"got {tuple(c.shape)} {c.dtype}")
+
+
+# ----------------------------------------------------------------------------- ours
+def _init_dcgan(module: nn.Module) -> None:
+    """DCGAN init: conv/linear weights N(0, 0.02), zero biases, norm scales N(1, 0.02)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class OursGenerator(nn.Module):
+    """z (+ class embedding, concatenated) → 6x6x4C → three upsample+conv blocks → 48x48 tanh."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        C, self.kind = cfg.base_channels, cfg.kind
+        self.embed = nn.Embedding(num_classes, cfg.z_dim) if cfg.conditional else None
+        in_dim = cfg.z_dim * (2 if cfg.conditional else 1)
+        self.c0 = 4 * C
+        self.fc = nn.Linear(in_dim, 6 * 6 * self.c0, bias=False)
+        self.bn0 = nn.BatchNorm2d(self.c0)
+        blocks = []
+        for cin, cout in ((4 * C, 2 * C), (2 * C, C), (C, C // 2)):  # 6→12→24→48
+            blocks += [nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+        self.blocks = nn.Sequential(*blocks)
+        self.to_img = nn.Conv2d(C // 2, 1, 3, padding=1)
+        _init_dcgan(self)
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight)  # unit scale like z, so neither half dominates
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = z
+        if self.embed is not None:
+            h = torch.cat([z, self.embed(_need(c, "c", self.kind, "G"))], 1)
+        h = F.relu(self.bn0(self.fc(h).view(-1, self.c0, 6, 6)))
+        return torch.tanh(self.to_img(self.blocks(h)))
+
+
+def _ours_conv_stack(C: int, norm: str, sn: bool) -> nn.Sequential:
+    """48→24→12→6 with 4x4 stride-2 convs (1→C→2C→4C), LeakyReLU(0.2); no norm after the first."""
+    wrap = _spectral_norm if sn else (lambda m: m)
+    layers: list[nn.Module] = []
+    for i, (cin, cout) in enumerate(((1, C), (C, 2 * C), (2 * C, 4 * C))):
+        layers.append(wrap(nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=(i == 0 or norm == "none"))))
+        if i > 0 and norm == "group":
+            layers.append(nn.GroupNorm(_groups(cout), cout))
+        elif i > 0 and norm == "batch":
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.LeakyReLU(0.2, True))
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers)
+
+
+class OursEncoder(nn.Module):
+    """Strided conv stack with GroupNorm → Linear heads for z_hat and (bicogan) emotion logits."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        C = cfg.base_channels
+        self.features = _ours_conv_stack(C, "group", sn=False)
+        self.z_head = nn.Linear(6 * 6 * 4 * C, cfg.z_dim)
+        self.c_head = nn.Linear(6 * 6 * 4 * C, num_classes) if cfg.conditional else None
+        _init_dcgan(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.features(x)
+        return self.z_head(h), (None if self.c_head is None else self.c_head(h))
+
+
+class OursDiscriminator(nn.Module):
+    """Joint D(x, z, c): conv features of x, MLP of z, Linear embedding of c, joint MLP → score."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        C, H, self.kind, self.num_classes = cfg.base_channels, 8 * cfg.base_channels, cfg.kind, num_classes
+        sn = _spectral_norm if cfg.spectral_norm else (lambda m: m)
+        lrelu = lambda: nn.LeakyReLU(0.2, True)  # noqa: E731
+        self.x_net = nn.Sequential(
+            *_ours_conv_stack(C, "batch" if cfg.d_batchnorm else "none", cfg.spectral_norm),
+            sn(nn.Linear(6 * 6 * 4 * C, H)), lrelu())
+        self.z_net = (nn.Sequential(sn(nn.Linear(cfg.z_dim, H)), lrelu(), sn(nn.Linear(H, H)), lrelu())
+                      if cfg.bidirectional else None)
+        self.c_net = sn(nn.Linear(num_classes, H, bias=False)) if cfg.conditional else None
+        parts = 1 + int(self.z_net is not None) + int(self.c_net is not None)
+        self.joint = nn.Sequential(sn(nn.Linear(parts * H, 2 * H)), lrelu(), sn(nn.Linear(2 * H, 1)))
+        _init_dcgan(self)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
+                c: torch.Tensor | None = None) -> torch.Tensor:
+        feats = [self.x_net(x)]
+        if self.z_net is not None:
+            feats.append(self.z_net(_need(z, "z", self.kind, "D")))
+        if self.c_net is not None:
+            c = _need(c, "c", self.kind, "D")
+            _check_c(c, self.num_classes)
+            feats.append(self.c_net(c))
+        return self.joint(torch.cat(feats, 1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- paper
+def _init_keras(module: nn.Module) -> None:
+    """Keras defaults: Glorot-uniform kernels, zero biases, U(-0.05, 0.05) embeddings."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.uniform_(m.weight, -0.05, 0.05)
+
+
+def _keras_bn(ch: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(ch, eps=1e-3, momentum=0.01)  # Keras momentum 0.99 = torch momentum 0.01
+
+
+class PaperGenerator(nn.Module):
+    """z ⊙ embed(c) → Dense 12x12x128 → 2 x ConvT(128, 4, s2) → Conv(1, 12x12, same) → tanh."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.kind = cfg.kind
+        self.embed = nn.Embedding(num_classes, cfg.z_dim) if cfg.conditional else None
+        self.fc = nn.Linear(cfg.z_dim, 12 * 12 * 128)
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(128, 128, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True),  # 12→24
+            nn.ConvTranspose2d(128, 128, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True),  # 24→48
+        )
+        self.to_img = nn.Conv2d(128, 1, 12, padding="same")
+        _init_keras(self)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = z
+        if self.embed is not None:
+            h = z * self.embed(_need(c, "c", self.kind, "G"))
+        h = F.leaky_relu(self.fc(h), 0.2).view(-1, 128, 12, 12)
+        return torch.tanh(self.to_img(self.up(h)))
+
+
+class PaperEncoder(nn.Module):
+    """Conv 64/128/256/512 (5x5, s2, same; BN on the last three) → Flatten → Dense z (+ emotion head)."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(((1, 64), (64, 128), (128, 256), (256, 512))):  # 48→24→12→6→3
+            layers.append(nn.Conv2d(cin, cout, 5, stride=2, padding=2))
+            if i > 0:
+                layers.append(_keras_bn(cout))
+            layers.append(nn.LeakyReLU(0.2, True))
+        layers.append(nn.Flatten())
+        self.features = nn.Sequential(*layers)
+        self.z_head = nn.Linear(3 * 3 * 512, cfg.z_dim)
+        self.c_head = nn.Linear(3 * 3 * 512, num_classes) if cfg.conditional else None
+        _init_keras(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.features(x)
+        return self.z_head(h), (None if self.c_head is None else self.c_head(h))
+
+
+class PaperDiscriminator(nn.Module):
+    """Five Conv(128, 5x5) + LeakyReLU(0.2) → Flatten(1152) ⊕ z ⊕ Linear(c → 2304) → Dense(1)."""
+
+    FLAT = 3 * 3 * 128
+    C_EMBED = 2304
+
+    def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.kind, self.num_classes = cfg.kind, num_classes
+        layers: list[nn.Module] = []
+        for i in range(5):  # 48→48→24→12→6→3
+            layers += [nn.Conv2d(1 if i == 0 else 128, 128, 5, stride=1 if i == 0 else 2, padding=2),
+                       nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Flatten())
+        self.x_net = nn.Sequential(*layers)
+        self.uses_z = cfg.bidirectional
+        self.c_embed = nn.Linear(num_classes, self.C_EMBED) if cfg.conditional else None
+        joint_in = self.FLAT + (cfg.z_dim if self.uses_z else 0) + (self.C_EMBED if cfg.conditional else 0)
+        self.out = nn.Linear(joint_in, 1)
+        _init_keras(self)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
+                c: torch.Tensor | None = None) -> torch.Tensor:
+        feats = [self.x_net(x)]
+        if self.uses_z:
+            feats.append(_need(z, "z", self.kind, "D"))
+        if self.c_embed is not None:
+            c = _need(c, "c", self.kind, "D")
+            _check_c(c, self.num_classes)
+            feats.append(self.c_embed(c))
+        return self.out(torch.cat(feats, 1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- builder
+_ARCH = {
+    "ours": (OursGenerator, OursEncoder, OursDiscriminator),
+    "paper": (PaperGenerator, PaperEncoder, PaperDiscriminator),
+}
+
+
+class GANModels(nn.Module):
+    """Container of G, E (None for gan/cgan) and D: one ``.to(device)`` and one state_dict for all."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, G: nn.Module, E: nn.Module | None,
+                 D: nn.Module) -> None:
+        super().__init__()
+        self.cfg, self.num_classes = cfg, num_classes
+        self.G, self.E, self.D = G, E, D
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"G": count_parameters(self.G), "E": count_parameters(self.E), "D": count_parameters(self.D)}
+
+
+def build_models(cfg: ModelConfig, num_classes: int) -> GANModels:
+    """Build G, E, D for ``cfg``; initial weights come from torch's global RNG (seed before)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    gen_cls, enc_cls, disc_cls = _ARCH[cfg.arch]
+    G = gen_cls(cfg, num_classes)
+    E = enc_cls(cfg, num_classes) if cfg.bidirectional else None
+    D = disc_cls(cfg, num_classes)
+    models = GANModels(cfg, num_classes, G, E, D)
+    if cfg.channels_last:
+        models = models.to(memory_format=torch.channels_last)
+    return models
+
+
+def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
+    """JSON-safe description of the architecture, for exports and run reports.
+
+    The ``config`` entry holds every ``ModelConfig`` field, so ``config_from_description``
+    rebuilds the exact structure. Counting parameters builds the models on the meta
+    device: no memory, and torch's RNG is not consumed.
+    """
+    with torch.device("meta"):
+        models = build_models(cfg, num_classes)
+    paper = cfg.arch == "paper"
+    return {
+        "kind": cfg.kind,
+        "arch": cfg.arch,
+        "z_dim": cfg.z_dim,
+        "width": cfg.width,
+        "num_classes": num_classes,
+        "conditional": cfg.conditional,
+        "bidirectional": cfg.bidirectional,
+        "has_encoder": cfg.bidirectional,
+        "encoder_emotion_head": cfg.kind == "bicogan",
+        "base_channels": None if paper else cfg.base_channels,
+        "spectral_norm": False if paper else cfg.spectral_norm,
+        "d_batchnorm": False if paper else cfg.d_batchnorm,
+        "image_shape": list(IMAGE_SHAPE),
+        "output_range": [-1.0, 1.0],
+        "generator_conditioning": None if not cfg.conditional else ("multiply" if paper else "concat"),
+        "parameters": models.parameter_counts(),
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+def config_from_description(desc: dict[str, Any]) -> ModelConfig:
+    """Inverse of ``describe(...)["config"]``: the ModelConfig that rebuilds the same networks."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = desc.get("config", desc)
+    return ModelConfig(**{k: v for k, v in cfg.items() if k in names})
