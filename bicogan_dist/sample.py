@@ -122,7 +122,8 @@ def generate(model: ExportedModel, z: torch.Tensor, c: torch.Tensor | None, batc
 
 
 @torch.inference_mode()
-def encode(model: ExportedModel, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode(model: ExportedModel, images: torch.Tensor,
+           batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
     """E(x) for uint8 faces (N, 1, 48, 48) in batches → (z_hat, class logits or None) on the CPU."""
     if model.E is None:
         raise SampleError(f"this {model.model.kind} export has no encoder; reconstruction and emotion transfer "
@@ -233,7 +234,8 @@ def read_faces(spec: str, limit: int | None = None) -> Faces:
         from bicogan_dist.data.manifest import ShardManifest
 
         splits = sorted(ShardManifest.load(path).splits)
-        raise SampleError(f"--transfer: {path} is a shard folder; name the split, e.g. {spec}:{splits[0] if splits else 'PrivateTest'} "
+        example = "PrivateTest" if "PrivateTest" in splits or not splits else splits[0]
+        raise SampleError(f"--transfer: {path} is a shard folder; name the split, e.g. {spec}:{example} "
                           f"(it has {splits})")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
@@ -261,12 +263,17 @@ def _read_shard_faces(folder: Path, split: str, limit: int | None) -> Faces:
     return Faces(images, names, [manifest.label_names[int(y)] for y in labels])
 
 
+def require_encoder(model: ExportedModel) -> None:
+    """Transfer and reconstruction start from E(x): refuse exports without an encoder before reading inputs."""
+    if not model.bidirectional or model.E is None:
+        raise SampleError(f"--transfer needs a bidirectional export (bigan or bicogan) with an encoder; "
+                          f"this one is {model.model.kind!r}, which has none")
+
+
 def transfer_panel(model: ExportedModel, faces: Faces, classes: Sequence[int] | None = None,
                    batch_size: int = 256) -> Panel:
     """Rows: faces; columns: the face, G(E(x)), then G(E_z(x), c') per target emotion c'."""
-    if not model.bidirectional:
-        raise SampleError(f"--transfer needs a bidirectional export (bigan or bicogan) with an encoder; "
-                          f"this one is {model.model.kind!r}, which has none")
+    require_encoder(model)
     if faces.images.shape[0] == 0:
         raise SampleError("--transfer: no faces to encode")
     z_hat, logits = encode(model, faces.images, batch_size)
@@ -404,11 +411,16 @@ def _write_generated_shards(model: ExportedModel, batches: Iterator[tuple[int, i
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sample_images",
-        description="Sample and edit faces with an export from tools/convert_checkpoint.py. Default mode: a grid "
-                    "PNG with one row per emotion and one column per seed.",
+        description="Sample and edit faces with an export from tools/convert_checkpoint.py. One mode per call:\n"
+                    "  (default)             grid PNG: one row per emotion, one column per seed\n"
+                    "  --per-class N         N images per emotion: DIR/<emotion>/<index>.png, or --format shards\n"
+                    "                        (split 'Generated' + manifest.json, read like real shards)\n"
+                    "  --interpolate         per emotion a strip from seed A to seed B, then seed A across emotions\n"
+                    "  --transfer INPUT      each real face, G(E(x)) and G(E_z(x), c') for every emotion c'\n"
+                    "                        (needs a bigan/bicogan export; bigan: reconstruction only)",
         epilog="Seeds: the noise of seed s is torch.randn(z_dim) from torch.Generator().manual_seed(s) on the CPU, "
                "so outputs are reproducible on any device. --per-class: image i of class k uses seed S + k*N + i.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", metavar="EXPORT_DIR", help="export folder (export.json + safetensors)")
     p.add_argument("--out", required=True, help="output PNG (grid, --interpolate, --transfer) or folder (--per-class)")
     mode = p.add_mutually_exclusive_group()
@@ -422,15 +434,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="grid: seeds as 0-7, 1,5,9 or a count (default 8 = 0-7); --interpolate: two seeds A,B "
                         "(default 0,1)")
     p.add_argument("--emotions", default=None, help="comma-separated emotions to show or generate (default all)")
-    p.add_argument("--format", choices=("png", "shards"), default="png", help="--per-class output layout")
-    p.add_argument("--seed", type=int, default=0, help="--per-class base seed S")
-    p.add_argument("--shard-size", type=int, default=4000, help="--per-class --format shards: images per shard")
-    p.add_argument("--steps", type=int, default=8, help="--interpolate: images per strip")
-    p.add_argument("--method", choices=("slerp", "linear"), default="slerp", help="--interpolate: path in z space")
-    p.add_argument("--limit", type=int, default=8, help="--transfer: at most this many faces (rows)")
+    p.add_argument("--format", choices=("png", "shards"), default="png",
+                   help="--per-class output layout (default png)")
+    p.add_argument("--seed", type=int, default=0, help="--per-class base seed S (default 0)")
+    p.add_argument("--shard-size", type=int, default=4000,
+                   help="--per-class --format shards: images per shard (default 4000)")
+    p.add_argument("--steps", type=int, default=8, help="--interpolate: images per strip (default 8)")
+    p.add_argument("--method", choices=("slerp", "linear"), default="slerp",
+                   help="--interpolate: path in z space (default slerp)")
+    p.add_argument("--limit", type=int, default=8, help="--transfer: at most this many faces, one row each (default 8)")
     p.add_argument("--force", action="store_true", help="--per-class: replace a folder this tool wrote before")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
@@ -460,8 +475,7 @@ def run(args: argparse.Namespace) -> Path:
             raise SampleError(f"--interpolate needs exactly two seeds A,B; got {seeds}")
         panel = interpolation_panel(model, seeds[0], seeds[1], args.steps, args.method, classes, args.batch_size)
     elif args.transfer is not None:
-        if not model.bidirectional:  # before reading any input
-            transfer_panel(model, Faces(torch.empty(0), []))
+        require_encoder(model)  # before reading any input
         panel = transfer_panel(model, read_faces(args.transfer, args.limit), classes, args.batch_size)
     else:
         panel = grid_panel(model, parse_seeds(args.seeds or "8"), classes, args.batch_size)

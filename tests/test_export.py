@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,11 +124,20 @@ def test_export_holds_no_pickle(bicogan, gan):
         "encoder.safetensors", "export.json", "generator.onnx", "generator.safetensors"]
     assert sorted(p.name for p in gan["export"].iterdir()) == ["export.json", "generator.onnx", "generator.safetensors"]
     for path in [*bicogan["export"].iterdir(), *gan["export"].iterdir()]:
-        assert path.suffix in (".safetensors", ".json", ".onnx")
-        assert not path.read_bytes().startswith(b"\x80"), f"{path} looks like a pickle"
-        if path.suffix == ".safetensors":
+        data = path.read_bytes()
+        assert not data.startswith(b"PK"), f"{path} is a zip (torch.save) archive"
+        if path.suffix == ".safetensors":  # u64 header length, then a JSON header: nothing else
+            n = int.from_bytes(data[:8], "little")
+            assert isinstance(json.loads(data[8:8 + n]), dict)
             with safe_open(str(path), "pt") as fh:
                 assert fh.metadata()["format"] == "bicogan_dist.export"
+        elif path.suffix == ".json":
+            json.loads(data)
+        else:
+            import onnx
+
+            assert path.suffix == ".onnx"
+            onnx.checker.check_model(onnx.load_from_string(data))
     assert not list(bicogan["root"].glob("export.*")), "temporary folders left behind"
 
 
@@ -166,7 +176,7 @@ def test_unconditional_export_has_no_encoder(gan):
 
 def test_refuses_to_overwrite_without_force(bicogan, tmp_path, capsys):
     out = tmp_path / "export"
-    assert convert_main([str(bicogan["root"] / "run"), "--out", str(out)]) == 0
+    shutil.copytree(bicogan["export"], out)
     before = (out / "generator.safetensors").read_bytes()
     capsys.readouterr()
     assert convert_main([str(bicogan["root"] / "run"), "--out", str(out)]) == 2

@@ -91,9 +91,8 @@ def parse_pixels(text: str, file: str | Path, where: str, field_name: str = "pix
 def _parse_pixels_slow(text: str, file: str | Path, where: str, field_name: str) -> np.ndarray:
     tokens = text.split()
     if len(tokens) != PIXEL_COUNT:
-        hint = " (row cut short: truncated file?)" if 0 < len(tokens) < PIXEL_COUNT else ""
         raise data_error(file, where, field_name, f"{PIXEL_COUNT} space-separated grey levels (48x48)",
-                         f"{len(tokens)}{hint}")
+                         str(len(tokens)))
     values = np.empty(PIXEL_COUNT, dtype=np.uint8)
     for i, token in enumerate(tokens):
         try:
@@ -145,13 +144,13 @@ class ReadReport:
                 "ignored_files": self.ignored_files}
 
     def lines(self) -> list[str]:
-        out = [f"source layout: {self.layout} ({', '.join(self.files)}): {self.records} labelled images read"]
+        out = [f"read {self.records:,} labelled images: {self.layout} ({', '.join(self.files)})"]
         if self.skipped_unlabelled:
-            out.append(f"skipped {self.skipped_unlabelled} unlabelled rows (test.csv has no emotion column)")
+            out.append(f"skipped {self.skipped_unlabelled:,} unlabelled rows (test.csv has no emotion column)")
         if self.converted_images:
-            out.append(f"converted {self.converted_images} images to 48x48 grayscale")
+            out.append(f"converted {self.converted_images:,} images to 48x48 grayscale")
         if self.ignored_files:
-            out.append(f"ignored {self.ignored_files} non-image files")
+            out.append(f"ignored {self.ignored_files:,} non-image files")
         return out
 
 
@@ -383,7 +382,7 @@ class FerSource:
     path: Path
     layout: str
     report: ReadReport
-    _files: list[tuple[Path, str | None]]  # (csv file, default split) for CSV layouts
+    csv_files: list[tuple[Path, str | None]] = field(default_factory=list)  # (file, default split)
 
     @property
     def description(self) -> str:
@@ -394,7 +393,7 @@ class FerSource:
         """Size on disk of what will be read (decides whether parsing in worker processes pays off)."""
         if self.layout == "image folder":
             return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        return sum(file.stat().st_size for file, _ in self._files)
+        return sum(file.stat().st_size for file, _ in self.csv_files)
 
     def records(self, map_fn: MapFn = map) -> Iterator[FaceRecord]:
         """All labelled records in file order; ``map_fn=functools.partial(pool.imap, chunksize=..)`` parses in
@@ -402,7 +401,7 @@ class FerSource:
         if self.layout == "image folder":
             yield from read_image_folder(self.path, self.report, map_fn)
             return
-        for file, default_split in self._files:
+        for file, default_split in self.csv_files:
             name = file.relative_to(self.path).as_posix() if self.path.is_dir() else file.name
             yield from read_csv_records(file, name, default_split, self.report, map_fn)
 
@@ -417,14 +416,14 @@ def open_source(path: str | Path) -> FerSource:
     for name in KAGGLE_FILES:
         if (path / name).is_file():
             src = _open_csv_source(path / name)
-            return FerSource(path, src.layout, src.report, src._files)
+            return FerSource(path, src.layout, src.report, src.csv_files)
     if (path / "train.csv").is_file() or (path / "test.csv").is_file():
         return _open_torchvision(path)
     if (path / "fer2013").is_dir():
         inner = open_source(path / "fer2013")
-        return FerSource(path, inner.layout, inner.report, inner._files)
+        return FerSource(path, inner.layout, inner.report, inner.csv_files)
     if any(p.is_dir() and p.name.lower() in FOLDER_SPLITS for p in path.iterdir()):
-        return FerSource(path, "image folder", ReadReport(layout="image folder", files=[path.name]), [])
+        return FerSource(path, "image folder", ReadReport(layout="image folder", files=[path.name]))
     raise data_error(path, None, None,
                      "fer2013.csv[.gz], icml_face_data.csv, a torchvision fer2013/ folder (train.csv, test.csv) "
                      "or an image folder (train/<emotion>/*.jpg, test/<emotion>/*.jpg)", "none of these")
@@ -434,28 +433,29 @@ def _open_csv_source(path: Path) -> FerSource:
     header = _read_header(path)
     keys = {h.strip().lower() for h in header}
     if path.name.lower() in ("train.csv", "test.csv") and "usage" not in keys:
-        return _open_torchvision(path.parent, only=path.name.lower())
+        return _open_torchvision(path.parent, only=path)
     _columns(path, header, need_usage=True, need_emotion=True)
     layout = _csv_layout(path, header)
     return FerSource(path, layout, ReadReport(layout=layout, files=[path.name]), [(path, None)])
 
 
-def _open_torchvision(folder: Path, only: str | None = None) -> FerSource:
+def _open_torchvision(folder: Path, only: Path | None = None) -> FerSource:
     """torchvision's fer2013/: train.csv → Training; test.csv → Test if labelled, else skipped and counted."""
     report = ReadReport(layout="torchvision fer2013/")
     files: list[tuple[Path, str | None]] = []
     for name, split in (("train.csv", "Training"), ("test.csv", "Test")):
-        file = folder / name
-        if (only and name != only) or not file.is_file():
+        file = only if only is not None else folder / name
+        if file.name.lower() != name or not file.is_file():
             continue
         header = _read_header(file)
         if "emotion" in {h.strip().lower() for h in header}:
             _columns(file, header, need_usage=False, need_emotion=True)
             files.append((file, split))
-            report.files.append(name)
+            report.files.append(file.name)
         else:
             report.skipped_unlabelled += count_unlabelled_rows(file)
-            report.files.append(f"{name} (unlabelled, skipped)")
+            report.files.append(f"{file.name} (unlabelled, skipped)")
     if not files:
-        raise data_error(folder, None, None, "a labelled train.csv (columns emotion,pixels)", "no labelled CSV")
-    return FerSource(folder / only if only else folder, report.layout, report, files)
+        raise data_error(only or folder, None, None, "a labelled train.csv (columns emotion,pixels)",
+                         "no labelled CSV")
+    return FerSource(only or folder, report.layout, report, files)

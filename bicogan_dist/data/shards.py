@@ -30,7 +30,7 @@ from bicogan_dist.labels import DISGUST_CODE, SPLITS, EmotionLabels
 if TYPE_CHECKING:
     import multiprocessing.pool
 
-    from bicogan_dist.data.readers import FerSource
+    from bicogan_dist.data.readers import FerSource, ReadReport
 
 DEFAULT_SHARD_SIZE = 4000
 #: PNG encoding dominates writing (~0.27 ms/image); jobs go to workers in chunks this size.
@@ -99,13 +99,11 @@ def write_split_shards(
     Returns the shard entries and the per-class counts. Records whose FER code the label map
     drops must be filtered out by the caller.
     """
-    samples = ((cls, encode_sample(record, cls, index))
-               for index, (record, cls) in enumerate(_labelled(records, labels)))
-    return _write_samples(samples, split, labels.num_classes, Path(out_dir), shard_size)
+    return write_split_shards_parallel(records, split, labels, out_dir, shard_size, pool=None)
 
 
 def write_split_shards_parallel(
-    records: Sequence[FaceRecord],
+    records: Iterable[FaceRecord],
     split: str,
     labels: EmotionLabels,
     out_dir: str | Path,
@@ -113,7 +111,8 @@ def write_split_shards_parallel(
     pool: "multiprocessing.pool.Pool | None" = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[ShardEntry], list[int]]:
-    """``write_split_shards`` with PNG encoding in ``pool`` (order kept by ``imap``, so bytes are identical)."""
+    """``write_split_shards`` with PNG encoding in ``pool`` (order kept by ``imap``, so bytes are identical);
+    ``progress(1)`` is called per sample written."""
     jobs = ((record, cls, index) for index, (record, cls) in enumerate(_labelled(records, labels)))
     encoded = pool.imap(_encode_job, jobs, chunksize=_ENCODE_CHUNK) if pool is not None else map(_encode_job, jobs)
 
@@ -171,7 +170,7 @@ def _check_output(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} is not empty and holds no shards ({', '.join(sorted(foreign)[:5])}); "
                                 "pick a new or empty folder for --out")
     if ours and not force:
-        raise OutputExistsError(f"{out} already holds shards ({len(ours)} files incl. manifest); "
+        raise OutputExistsError(f"{out} already holds shards ({len(ours)} shard/manifest files); "
                                 "pass --force to replace them all, or pick another --out")
 
 
@@ -186,21 +185,23 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def _read_records(src: "FerSource", map_fn: Callable, progress: bool) -> tuple[list[FaceRecord], str, dict]:
+def _read_records(src: "FerSource", map_fn: Callable,
+                  progress: bool) -> tuple[list[FaceRecord], str, "ReadReport"]:
     """All records of a FER2013 copy, its description and the reader's report."""
     records = []
     with _progress(None, f"reading {src.path.name}", progress) as bar:
         for record in src.records(map_fn):
             records.append(record)
             bar.update(1)
-    return records, src.description, src.report.to_dict()
+    return records, src.description, src.report
 
 
-def _synthetic_records(n: int, seed: int, labels: EmotionLabels) -> tuple[list[FaceRecord], str, dict]:
-    from bicogan_dist.data.synthetic import synthetic_records  # written alongside; imported only when asked
+def _synthetic_records(n: int, seed: int, labels: EmotionLabels) -> tuple[list[FaceRecord], str, "ReadReport"]:
+    from bicogan_dist.data.readers import ReadReport
+    from bicogan_dist.data.synthetic import synthetic_records
 
     records = synthetic_records(n, seed=seed, labels=labels)
-    return records, f"synthetic (n={n}, seed={seed})", {"layout": "synthetic", "records": len(records)}
+    return records, f"synthetic (n={n}, seed={seed})", ReadReport("synthetic", ["built-in"], records=len(records))
 
 
 @contextmanager
@@ -233,7 +234,7 @@ def build_shards(source: str | Path | None, out: str | Path, options: ShardOptio
         raise ValueError(f"shard size must be at least 1, got {opts.shard_size}")
     if (source is None) == (synthetic is None):
         raise ValueError("give exactly one of a SOURCE path and --synthetic N")
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # absolute, so "." or "x/.." still have a name and a parent for the swap
     _check_output(out, opts.force)
     labels = EmotionLabels.make(opts.keep_disgust)
     src = open_source(source) if synthetic is None else None
@@ -250,13 +251,14 @@ def build_shards(source: str | Path | None, out: str | Path, options: ShardOptio
     return manifest
 
 
-def _write_output(records: list[FaceRecord], description: str, read_report: dict, labels: EmotionLabels, out: Path,
+def _write_output(records: list[FaceRecord], description: str, read_report: "ReadReport", labels: EmotionLabels,
+                  out: Path,
                   opts: ShardOptions, pool: "multiprocessing.pool.Pool | None",
                   log: Callable[[str], None]) -> ShardManifest:
     """Quality report, drops, shards and manifest into a temporary sibling folder, then swapped into ``out``."""
     from bicogan_dist.data.quality import analyse, drop_decisions
 
-    for line in _report_lines(read_report):
+    for line in read_report.lines():
         log(line)
     analysis = analyse(records)
     log(analysis.report.table())
@@ -269,7 +271,7 @@ def _write_output(records: list[FaceRecord], description: str, read_report: dict
             by_split.setdefault(record.split, []).append(record)
     split_order = [s for s in SPLITS if s in by_split] + sorted(s for s in by_split if s not in SPLITS)
     quality = analysis.report.to_dict()
-    quality["reader"] = read_report
+    quality["reader"] = read_report.to_dict()
 
     tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -293,7 +295,7 @@ def _write_output(records: list[FaceRecord], description: str, read_report: dict
     return manifest
 
 
-def _dropped_counts(decisions: dict[int, str], opts: ShardOptions, read_report: dict) -> dict[str, int]:
+def _dropped_counts(decisions: dict[int, str], opts: ShardOptions, read_report: "ReadReport") -> dict[str, int]:
     """Counts per reason, listing every reason that was active (0 included), so the manifest says what was checked."""
     from bicogan_dist.data.quality import DROP_REASONS
 
@@ -302,20 +304,9 @@ def _dropped_counts(decisions: dict[int, str], opts: ShardOptions, read_report: 
     counts = {reason: 0 for reason in DROP_REASONS if active[reason]}
     for reason in decisions.values():
         counts[reason] += 1
-    if read_report.get("skipped_unlabelled"):
-        counts["unlabelled"] = int(read_report["skipped_unlabelled"])
+    if read_report.skipped_unlabelled:
+        counts["unlabelled"] = read_report.skipped_unlabelled
     return counts
-
-
-def _report_lines(read_report: dict) -> list[str]:
-    lines = [f"read {read_report.get('records', 0):,} labelled images ({read_report.get('layout', '?')})"]
-    if read_report.get("skipped_unlabelled"):
-        lines.append(f"skipped {read_report['skipped_unlabelled']:,} unlabelled rows (test.csv has no emotion column)")
-    if read_report.get("converted_images"):
-        lines.append(f"converted {read_report['converted_images']:,} images to 48x48 grayscale")
-    if read_report.get("ignored_files"):
-        lines.append(f"ignored {read_report['ignored_files']:,} non-image files")
-    return lines
 
 
 def _summary_lines(manifest: ShardManifest, out: Path) -> list[str]:
@@ -363,7 +354,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (tools/shard_fer2013.py, ``bicogan-shard``): 0 on success, 2 with ``error: ...`` on bad input."""
+    """CLI entry (tools/shard_fer2013.py, ``bicogan-shard``): 0 on success, 2 with ``error: ...`` on bad input
+    or an occupied --out, 1 on an OS error. Uses worker processes: call it under ``if __name__ == "__main__"``."""
     from bicogan_dist.data.readers import DataFormatError
 
     args = parse_args(argv)
@@ -377,4 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataFormatError, OutputExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, no permission: not the input's fault, but no traceback either
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -39,10 +39,14 @@ FEATURE_SPACE_TEMPLATE = ("FER classifier penultimate layer, {dim}-d, trained by
 
 @dataclass
 class ClassifierConfig:
-    """Architecture: one stage per width (``convs_per_stage`` 3x3 convs, then a 2x2 max-pool)."""
+    """Architecture: one stage per width (``convs[i]`` 3x3 convs, then a 2x2 max-pool).
+
+    One conv at 48x48 and two at each coarser stage: the full-resolution stage costs the
+    most time per parameter on a CPU.
+    """
 
     widths: tuple[int, ...] = (32, 64, 128, 256)
-    convs_per_stage: int = 2
+    convs: tuple[int, ...] = (1, 2, 2, 2)
     feature_dim: int = 256
     dropout: float = 0.4
     num_classes: int = 6
@@ -50,12 +54,15 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
+        self.convs = tuple(int(c) for c in self.convs)
         if not self.widths or any(w < 1 for w in self.widths):
             raise ConfigError(f"classifier.widths must be positive, got {self.widths}")
+        if len(self.convs) != len(self.widths) or any(c < 1 for c in self.convs):
+            raise ConfigError(f"classifier.convs needs one count >= 1 per stage ({len(self.widths)}), got {self.convs}")
         if self.image_size % (2 ** len(self.widths)):
             raise ConfigError(f"classifier.image_size {self.image_size} is not divisible by 2^{len(self.widths)}")
-        if self.convs_per_stage < 1 or self.feature_dim < 1 or self.num_classes < 2:
-            raise ConfigError("classifier: convs_per_stage and feature_dim must be >= 1, num_classes >= 2")
+        if self.feature_dim < 1 or self.num_classes < 2:
+            raise ConfigError("classifier: feature_dim must be >= 1 and num_classes >= 2")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"classifier.dropout must be in [0, 1), got {self.dropout}")
 
@@ -94,8 +101,8 @@ class FERClassifier(nn.Module):
         self.cfg = cfg
         layers: list[nn.Module] = []
         c_in = 1
-        for width in cfg.widths:
-            for _ in range(cfg.convs_per_stage):
+        for width, n_convs in zip(cfg.widths, cfg.convs):
+            for _ in range(n_convs):
                 layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                            nn.ReLU(inplace=True)]
                 c_in = width
@@ -140,6 +147,7 @@ class LoadedClassifier:
     meta: dict[str, Any]
     device: torch.device
     precision: str = "bf16"
+    path: Path | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -277,7 +285,7 @@ def fit_classifier(train_x: torch.Tensor, train_y: torch.Tensor, class_names: li
             seen += y.shape[0]
             bar.update(1)
             if i % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
         model.eval()
         entry = {"epoch": epoch + 1, "loss": float(loss_sum) / steps, "train_accuracy": float(correct) / seen,
                  "seconds": time.perf_counter() - t0}
@@ -315,6 +323,7 @@ def save_classifier(clf: LoadedClassifier, out_dir: str | Path, meta: dict[str, 
         **meta,
     }
     doc["architecture"]["widths"] = list(doc["architecture"]["widths"])
+    doc["architecture"]["convs"] = list(doc["architecture"]["convs"])
     (out / META_NAME).write_text(json.dumps(doc, indent=2) + "\n")
     return out
 
@@ -329,13 +338,14 @@ def load_classifier(classifier_dir: str | Path, device: torch.device | str = "cp
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    arch = ClassifierConfig(**{**meta["architecture"], "widths": tuple(meta["architecture"]["widths"])})
+    arch = ClassifierConfig(**{**meta["architecture"], "widths": tuple(meta["architecture"]["widths"]),
+                               "convs": tuple(meta["architecture"]["convs"])})
     device = torch.device(device)
     model = FERClassifier(arch)
     model.load_state_dict(load_file(str(weights)))
     model = model.to(device).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     precision = meta.get("precision", "bf16")
-    return LoadedClassifier(model, list(meta["class_names"]), meta, device, precision)
+    return LoadedClassifier(model, list(meta["class_names"]), meta, device, precision, folder)
 
 
 def train_classifier(shards: str | Path, out_dir: str | Path, arch: ClassifierConfig | None = None,
@@ -396,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--widths", default=",".join(map(str, ClassifierConfig().widths)),
                    help="channels per stage, comma separated (default %(default)s)")
+    p.add_argument("--convs", default=None,
+                   help="3x3 convs per stage, comma separated (default 1 in the first stage, 2 in the others)")
+    p.add_argument("--feature-dim", type=int, default=ClassifierConfig().feature_dim,
+                   help="width of the penultimate embedding, the FID/KID feature space (default %(default)s)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=defaults.precision)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's choice; 1 is fastest on a machine busy with other work)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--limit", type=int, default=None, help="use only the first N Training images (quick tries)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -404,12 +420,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         widths = tuple(int(w) for w in args.widths.split(",") if w.strip())
+        convs = (tuple(int(c) for c in args.convs.split(",") if c.strip()) if args.convs
+                 else (1,) + (2,) * (len(widths) - 1))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         cfg = ClassifierTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                     precision=args.precision, seed=args.seed)
         from bicogan_dist.data.manifest import ShardManifest
 
         n_cls = len(ShardManifest.load(args.shards).label_names)
-        arch = ClassifierConfig(widths=widths, num_classes=n_cls)
+        arch = ClassifierConfig(widths=widths, convs=convs, feature_dim=args.feature_dim, num_classes=n_cls)
         doc = train_classifier(args.shards, args.out, arch, cfg, args.device, progress=not args.no_progress,
                                limit=args.limit)
     except (ConfigError, FileNotFoundError) as exc:

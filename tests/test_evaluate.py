@@ -1,0 +1,225 @@
+"""Evaluation end to end on the synthetic set: a tiny export and a tiny classifier built through the real code paths.
+
+The fast tests call the CLIs' ``main`` functions in this process (trainer, converter,
+classifier, evaluator); the slow ones run the tools as users do, as subprocesses, and
+run the augmentation ablation for 2 steps per setting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "launch_configs" / "experiments" / "smoke.yaml"
+TINY_GAN = ["model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout_size=32", "log.progress=false"]
+TINY_CLF = ["--epochs", "2", "--batch-size", "32", "--widths", "8,16,16,16", "--feature-dim", "32", "--no-progress"]
+NUM = 12  # generated faces per emotion
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine OpenMP threads fighting over cores run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def train_in_process(shards: Path, run_dir: Path, *overrides: str) -> None:
+    from bicogan_dist.train.__main__ import main as train_main
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the trainer installs its own
+    try:
+        rc = train_main(["--config", str(SMOKE), f"data.shards={shards}", f"log.run_dir={run_dir}",
+                         "train.max_steps=2", *TINY_GAN, *overrides])
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert rc == 0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic shards, a 2-step bicogan export, a 2-step gan export and a tiny classifier."""
+    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.evaluate.classifier import main as clf_main
+    from bicogan_dist.export import main as export_main
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    shards = tmp / "shards"
+    assert shard_main(["--synthetic", "720", "--out", str(shards), "--workers", "1", "--no-progress"]) in (0, None)
+    out = {"shards": shards, "tmp": tmp}
+    for kind in ("bicogan", "gan"):
+        train_in_process(shards, tmp / f"run_{kind}", f"model.kind={kind}")
+        assert export_main([str(tmp / f"run_{kind}"), "--out", str(tmp / f"export_{kind}")]) == 0
+        out[kind] = tmp / f"export_{kind}"
+    assert clf_main(["--shards", str(shards), "--out", str(tmp / "clf"), *TINY_CLF]) == 0
+    out["clf"] = tmp / "clf"
+    return out
+
+
+def check_report(report: dict, shards: Path, split: str = "PrivateTest", num: int = NUM) -> None:
+    from bicogan_dist.data.manifest import ShardManifest
+
+    manifest = ShardManifest.load(shards)
+    names = manifest.label_names
+    n_cls = len(names)
+    assert report["format"] == "bicogan_dist.evaluation"
+    assert "penultimate" in report["feature_space"] and "not Inception" in report["feature_space"]
+    ca = report["conditional_accuracy"]
+    assert 0 <= ca["overall"] <= 1 and set(ca["per_class"]) == set(names)
+    cm = np.array(ca["confusion_matrix"])
+    assert cm.shape == (n_cls, n_cls) and (cm.sum(1) == num).all()
+    assert ca["overall"] == pytest.approx(np.trace(cm) / cm.sum())
+    for key in ("generated_vs_Training", f"generated_vs_{split}", f"real_Training_vs_{split}"):
+        assert report["fid"][key] >= 0 and np.isfinite(report["fid"][key])
+        assert np.isfinite(report["kid"][key]["mean"]) and report["kid"][key]["std"] >= 0
+    assert report["generated"] == num * n_cls and sum(report["generated_class_counts"].values()) == num * n_cls
+    enc = report["encoder_accuracy"]
+    test_counts = manifest.split(split).class_counts
+    assert 0 <= enc["overall"] <= 1 and np.array(enc["confusion_matrix"]).sum(1).tolist() == test_counts
+    rec = report["reconstruction"]
+    assert 0 <= rec["mae_grey_levels"] <= 255 and 0 <= rec["mse_model_range"] <= 4
+    tr = report["emotion_transfer"]
+    n_test = sum(test_counts)
+    assert 0 <= tr["overall"] <= 1 and (np.array(tr["confusion_matrix"]).sum(1) == n_test).all()
+    assert set(tr["per_target"]) == set(names)
+
+
+def test_evaluate_cli_writes_json_markdown_and_png(built):
+    from bicogan_dist.evaluate.report import main as evaluate_main
+
+    out = built["tmp"] / "reports" / "REPORT.json"
+    assert evaluate_main([str(built["bicogan"]), "--shards", str(built["shards"]), "--classifier", str(built["clf"]),
+                          "--out", str(out), "--num-samples", str(NUM), "--kid-subsets", "10"]) == 0
+    report = json.loads(out.read_text())
+    check_report(report, built["shards"])
+    md = out.with_suffix(".md").read_text()
+    assert "FER classifier penultimate layer, 32-d, trained by this project" in md and "not Inception" in md
+    assert "Training vs PrivateTest" in md and "Conditional generation" in md
+    png = Image.open(out.with_name("REPORT_confusion.png"))
+    assert png.width > 300 and png.height > 100
+
+
+def test_evaluation_is_deterministic_and_unconditional_kinds_get_nulls(built):
+    from bicogan_dist.evaluate.classifier import load_classifier
+    from bicogan_dist.evaluate.evaluation import RealData, evaluate_export
+    from bicogan_dist.export import load_export
+
+    clf = load_classifier(built["clf"])
+    real = RealData.load(built["shards"], "PrivateTest", clf)
+    exported = load_export(built["bicogan"])
+    a = evaluate_export(exported, built["shards"], clf, num_samples=NUM, seed=3, kid_subsets=5, real=real)
+    b = evaluate_export(exported, built["shards"], clf, num_samples=NUM, seed=3, kid_subsets=5, real=real)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    gan = evaluate_export(built["gan"], built["shards"], built["clf"], num_samples=NUM, kid_subsets=5)
+    assert gan["conditional_accuracy"] is None and gan["encoder_accuracy"] is None
+    assert gan["reconstruction"] is None and gan["emotion_transfer"] is None
+    assert gan["fid"]["generated_vs_Training"] >= 0 and gan["generated_class_counts"] is None
+
+
+def test_training_evaluator_returns_flat_scalars(built):
+    from bicogan_dist.evaluate.evaluation import make_training_evaluator
+    from bicogan_dist.export import load_export
+
+    exported = load_export(built["bicogan"])
+    G, E = exported.G, exported.E
+    G.train()
+    evaluate = make_training_evaluator(built["clf"], built["shards"], num_samples=8, split="PublicTest")
+    metrics = evaluate(G, E, exported.class_names)
+    assert set(metrics) == {"eval/conditional_accuracy", "eval/fid_training", "eval/kid_training",
+                            "eval/encoder_accuracy"}
+    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+    assert G.training  # modes restored for the trainer
+    with_cfg = make_training_evaluator(built["clf"], built["shards"], num_samples=8, model=exported.model)
+    assert with_cfg(G, E, exported.class_names) == metrics
+    with pytest.raises(ValueError, match="differ"):
+        evaluate(G, E, list(reversed(exported.class_names)))
+
+
+def test_evaluate_cli_reports_bad_inputs(built, tmp_path, capsys):
+    from bicogan_dist.evaluate.report import main as evaluate_main
+
+    rc = evaluate_main([str(tmp_path), "--shards", str(built["shards"]), "--classifier", str(built["clf"]),
+                        "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and "error:" in capsys.readouterr().err
+    rc = evaluate_main([str(built["bicogan"]), "--shards", str(built["shards"]), "--classifier", str(tmp_path),
+                        "--out", str(tmp_path / "r.json")])
+    assert rc == 2 and "train_classifier" in capsys.readouterr().err
+
+
+def test_ablation_verdict_rule_and_table():
+    from bicogan_dist.evaluate.ablation import SETTINGS, ablation_markdown, verdict
+
+    assert verdict(100, 100, 0.1) == "same" and verdict(109, 100, 0.1) == "same"
+    assert verdict(89, 100, 0.1) == "better" and verdict(111, 100, 0.1) == "worse"
+    assert [s.name for s in SETTINGS] == ["none", "affine_rotate", "fliplr", "affine_shear", "crop",
+                                          "gamma_contrast", "affine_scale"]
+    rows = [{"name": s.name, "setting": s.name, "paper": s.paper, "paper_verdict": s.paper_verdict,
+             "conditional_accuracy": 0.5, "fid_training": 10.0 + i, "encoder_accuracy": 0.4,
+             "fid_change": i / 10, "measured_verdict": "same", "agrees_with_paper": None if i == 0 else True}
+            for i, s in enumerate(SETTINGS)]
+    md = ablation_markdown({"steps": 2, "overrides": [], "rule": "r = ...", "feature_space": "FS", "split": "PrivateTest",
+                            "num_samples_per_class": 5, "seed": 0, "seconds": 1.0, "rows": rows})
+    assert "Affine(rotate=(-50, 30))" in md and "| crop |" in md and "FS" in md
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("ACCELERATE_USE_CPU", None)
+    return e
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_tools_end_to_end_as_subprocesses(built, tmp_path):
+    """The user's path: trainer, convert_checkpoint, train_classifier and evaluate as commands."""
+    py = sys.executable
+    run([py, "-m", "bicogan_dist.train", "--config", str(SMOKE), f"data.shards={built['shards']}",
+         f"log.run_dir={tmp_path / 'run'}", "train.max_steps=2", *TINY_GAN])
+    run([py, "tools/convert_checkpoint.py", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    run([py, "tools/train_classifier.py", "--shards", str(built["shards"]), "--out", str(tmp_path / "clf"), *TINY_CLF])
+    out = tmp_path / "REPORT.json"
+    proc = run([py, "tools/evaluate.py", str(tmp_path / "export"), "--shards", str(built["shards"]),
+                "--classifier", str(tmp_path / "clf"), "--out", str(out), "--num-samples", str(NUM),
+                "--kid-subsets", "10"])
+    assert "not Inception" in proc.stdout
+    check_report(json.loads(out.read_text()), built["shards"])
+    assert "not Inception" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_ablation_runs_all_seven_settings(built, tmp_path):
+    out = tmp_path / "ablation"
+    proc = run([sys.executable, "tools/ablate_augmentations.py", "--shards", str(built["shards"]), "--classifier",
+                str(built["clf"]), "--steps", "2", "--out", str(out), "--num-samples", "6", "--tolerance", "0.05",
+                "model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout_size=32"], timeout=1200)
+    result = json.loads((out / "ablation.json").read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["none", "affine_rotate", "fliplr", "affine_shear", "crop", "gamma_contrast", "affine_scale"]
+    assert result["tolerance"] == 0.05 and "FID" in result["rule"]
+    for r in result["rows"][1:]:
+        assert r["measured_verdict"] in ("better", "same", "worse") and isinstance(r["agrees_with_paper"], bool)
+        assert Path(r["report"]).is_file()
+    md = (out / "ablation.md").read_text()
+    assert "| affine_rotate | Affine(rotate=(-50, 30)) | better |" in md and "not Inception" in md
+    assert "measured verdict" in proc.stdout
+    # A second call reuses the finished settings instead of training again.
+    proc = run([sys.executable, "tools/ablate_augmentations.py", "--shards", str(built["shards"]), "--classifier",
+                str(built["clf"]), "--steps", "2", "--out", str(out), "--num-samples", "6", "--settings", "crop"])
+    assert "reusing" in proc.stdout and "| crop |" in proc.stdout
