@@ -2,6 +2,8 @@
 pure function of (images, seed), and configs fail with the offending name."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,7 @@ def test_pure_function_of_images_and_seed(faces, backend):
     a, b, c = aug(faces, seed=11), aug(faces, seed=11), aug(faces, seed=12)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    assert torch.equal(pickle.loads(pickle.dumps(aug))(faces, seed=11), a)  # loader workers get a copy
     assert a.shape == faces.shape and a.dtype == torch.uint8 and a.device == faces.device
     changed = (a.int() - faces.int()).abs().flatten(1).amax(1) > 0
     assert 0.5 < changed.float().mean().item() < 1.0  # six ops at p=0.5: most images touched, not all

@@ -264,12 +264,19 @@ def test_load_export_errors_name_the_file(bicogan, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_of_a_real_two_step_run(tmp_path):
-    """The real trainer (2 steps, tiny nets) → convert → the export reproduces the checkpoint's EMA G and E."""
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_export_of_a_real_two_step_run(engine, tmp_path):
+    """The real trainer (2 steps, tiny nets, either engine) → convert → the export reproduces the EMA G and E."""
+    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.export import checkpoint_weights
+    from bicogan_dist.models.networks import build_models
     from safetensors.torch import load_file
 
-    from bicogan_dist.data.shards import main as shard_main
-    from bicogan_dist.models.networks import build_models
+    engine_args = []
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+        engine_args = ["train.engine=deepspeed",
+                       f"train.deepspeed_config={ROOT / 'launch_configs/deepspeed/zero2.json'}"]
 
     shards = tmp_path / "shards"
     assert shard_main(["--synthetic", "600", "--out", str(shards), "--no-progress"]) in (0, None)
@@ -279,7 +286,7 @@ def test_export_of_a_real_two_step_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "bicogan_dist.train", "--config", str(ROOT / "launch_configs/experiments/smoke.yaml"),
          f"data.shards={shards}", f"log.run_dir={run}", "train.max_steps=2", "model.width=0.25",
-         f"model.z_dim={Z_DIM}", "data.batch_size=16", "log.heldout_size=16", "log.progress=false"],
+         f"model.z_dim={Z_DIM}", "data.batch_size=16", "log.heldout_size=16", "log.progress=false", *engine_args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "export"
@@ -291,8 +298,8 @@ def test_export_of_a_real_two_step_run(tmp_path):
     model = load_export(out)
     ref = build_models(model.model, len(state["label_names"]))
     ref.G.load_state_dict(load_file(str(folder / "ema.safetensors")))
-    ref.E.load_state_dict({k[2:]: v for k, v in load_file(str(folder / "ge.safetensors")).items()
-                           if k.startswith("E.")})
+    assert state["engine"] == engine
+    ref.E.load_state_dict({k[2:]: v for k, v in checkpoint_weights(folder)["ge"].items() if k.startswith("E.")})
     ref.eval()
     z, c = fixed_inputs(6, True)
     with torch.inference_mode():

@@ -81,7 +81,7 @@ def test_feature_windows_lose_nothing(monkeypatch):
 
 
 def test_generator_speed():
-    """Target: >= 5,000 faces/s on one core (measured ~9,000-10,000 CPU-time on an idle core); loose here, shared CPUs."""
+    """Target >= 5,000 faces/s on one core (measured ~9,500 in CPU time); the bound here is loose: shared CPUs."""
     codes = np.arange(1280) % 6
     best = 0.0
     for i in range(3):

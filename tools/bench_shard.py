@@ -5,14 +5,16 @@
 SOURCE defaults to ../shared/fer2013/fer2013.csv.gz beside the repository. Each run is a
 fresh ``tools/shard_fer2013.py`` process (interpreter start, imports, read, quality report,
 PNG encoding, tar writing, manifest) into a temporary folder, so nothing is cached between
-runs. Prints one table: per worker count, the median and best seconds and images/s (images
-read per second of median wall time). The machine is shared, so the load average is printed too.
+runs. Prints one table: per worker count, the median and best wall seconds, images/s (images
+read per second of median wall time) and the median CPU seconds of the tool and its workers
+(steadier than wall time on a shared machine, whose load average is printed too).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,17 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "fer2013" / "fer2013.csv.gz"
 
 
-def one_run(source: Path, workers: int, out: Path) -> tuple[float, int, int]:
-    """Seconds, images read and images written of one shard run."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_run(source: Path, workers: int, out: Path) -> tuple[float, float, int, int]:
+    """Wall seconds, CPU seconds (the tool and its workers), images read and images written of one shard run."""
     cmd = [sys.executable, str(ROOT / "tools" / "shard_fer2013.py"), str(source), "--out", str(out),
            "--workers", str(workers), "--no-progress", "--force"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu_start
     if proc.returncode != 0:
         raise SystemExit(f"shard run failed ({proc.returncode}):\n{proc.stderr}")
     manifest = json.loads((out / "manifest.json").read_text())
-    return seconds, manifest["quality"]["images"], manifest["image_count"]
+    return seconds, cpu, manifest["quality"]["images"], manifest["image_count"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,19 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_shard_") as tmp:
         for workers in counts:
-            times = []
+            times, cpus = [], []
             for r in range(args.repeats):
-                seconds, read, written = one_run(source, workers, Path(tmp) / "shards")
+                seconds, cpu, read, written = one_run(source, workers, Path(tmp) / "shards")
                 times.append(seconds)
-                print(f"workers {workers} run {r + 1}: {seconds:.2f} s", file=sys.stderr)
-            rows.append((workers, times, read, written))
+                cpus.append(cpu)
+                print(f"workers {workers} run {r + 1}: {seconds:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
+            rows.append((workers, times, cpus, read, written))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"sharding {source.name} ({rows[0][2]:,} images read, {rows[0][3]:,} written); "
-          f"{os.cpu_count()} CPUs, load average {load:.1f}")
-    print(f"{'workers':>7} {'runs':>4} {'median s':>9} {'best s':>7} {'images/s':>9}")
-    for workers, times, read, _ in rows:
+    print(f"sharding {source.name} ({rows[0][3]:,} images read, {rows[0][4]:,} written); "
+          f"{os.cpu_count()} CPUs, load average {load:.1f} at the end (other work on the machine slows wall time)")
+    print(f"{'workers':>7} {'runs':>4} {'median s':>9} {'best s':>7} {'images/s':>9} {'median CPU s':>12}")
+    for workers, times, cpus, read, _ in rows:
         median = statistics.median(times)
-        print(f"{workers:>7} {len(times):>4} {median:>9.2f} {min(times):>7.2f} {read / median:>9,.0f}")
+        print(f"{workers:>7} {len(times):>4} {median:>9.2f} {min(times):>7.2f} {read / median:>9,.0f} "
+              f"{statistics.median(cpus):>12.2f}")
     return 0
 
 

@@ -167,7 +167,8 @@ class _Frame:
 
     def lin(self, a=0.0, b=0.0, c=0.0) -> np.ndarray:
         """a*u + b*v + c (each a scalar or per face) over the current window → (n, rows, cols) float32."""
-        coef = (np.asarray(a, np.float32).reshape(-1, 1) * self.m_u + np.asarray(b, np.float32).reshape(-1, 1) * self.m_v)
+        col = lambda t: np.asarray(t, np.float32).reshape(-1, 1)  # noqa: E731
+        coef = col(a) * self.m_u + col(b) * self.m_v
         coef[:, 2] += c
         return (coef @ self._basis).reshape(-1, *self._shape)
 
@@ -192,8 +193,8 @@ def _render_chunk(p: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndar
     skin = c["skin"]
 
     # background: a grey level with a linear gradient across the image (image, not face, coordinates)
-    img = (np.stack([p["bg_gx"] / 48, p["bg_gy"] / 48, p["bg"] - 0.5 * (p["bg_gx"] + p["bg_gy"])], 1)
-           ).astype(np.float32) @ _GRID.reshape(3, -1)
+    bg = np.stack([p["bg_gx"] / IMAGE_SIZE, p["bg_gy"] / IMAGE_SIZE, p["bg"] - 0.5 * (p["bg_gx"] + p["bg_gy"])], 1)
+    img = bg.astype(np.float32) @ _GRID.reshape(3, -1)
     img = img.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
     # neck below the head

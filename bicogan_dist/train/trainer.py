@@ -232,10 +232,14 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
                 monitor.scalars(step, values)
                 sums, n_sum, t_last, step_last = {}, 0, now, step
 
-            if step % cfg.log.image_every == 0 or step == cfg.train.max_steps:
+            at_images = step % cfg.log.image_every == 0 or step == cfg.train.max_steps
+            at_checkpoint = step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps or flags[1]
+            if world > 1 and (at_images or at_checkpoint):
+                average_buffers([ge_raw, D_raw, G_ema], engine)
+            if at_images:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
-            if step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps or flags[1]:
+            if at_checkpoint:
                 saved = save_checkpoint(run_dir, step, engine, G_ema, cfg, per_epoch, label_names)
                 monitor.write(f"step {step}: checkpoint {saved}")
             if flags[1]:
@@ -261,6 +265,25 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
+
+
+@torch.no_grad()
+def average_buffers(modules: list[torch.nn.Module], engine) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    Parameters stay identical through DDP, but running statistics are updated from each
+    rank's local batch (and are not broadcast mid-step, see the engine). Averaging them
+    before images and checkpoints gives every rank the same, whole-batch estimate.
+    """
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    flat = engine.all_reduce(flat) / engine.world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig,

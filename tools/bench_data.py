@@ -1,0 +1,135 @@
+"""Benchmark: samples/s of the training loaders (stream with 0 and 2 workers, in memory), per augmentation.
+
+    python tools/bench_data.py [--shards DIR] [--repeats 3] [--batches N] [--ops affine_rotate] [--p 0.5]
+
+Without ``--shards`` it shards the real FER2013 Training split from ``../shared/fer2013/fer2013.csv.gz``
+when that exists (else 30,000 synthetic faces) once into a cache folder (``--cache``) and reuses it.
+Prints one table: per loader and augmentation (none / torch / imgaug backends), the median, min and max
+samples/s over ``--repeats`` epochs of one rank (world size 1, batch 128, CPU), and the CPU time per
+1,000 samples of all processes involved (main + DataLoader workers), which stays meaningful when other
+jobs load the machine and wall-clock rates drop. Stream epochs include their start (worker start, shuffle
+buffer fill); the memory row's one-off load time is printed beside the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_FER2013 = ROOT.parent / "shared" / "fer2013" / "fer2013.csv.gz"
+BATCH = 128
+
+
+def ensure_shards(cache: Path) -> Path:
+    """Shards to measure: the real FER2013 when available, else synthetic faces; made once, then reused."""
+    from bicogan_dist.data.manifest import MANIFEST_NAME
+    from bicogan_dist.data.shards import main as shard_main
+
+    if REAL_FER2013.is_file():
+        out, args = cache / "fer2013", [str(REAL_FER2013)]
+    else:
+        out, args = cache / "synthetic30000", ["--synthetic", "30000"]
+    if not (out / MANIFEST_NAME).is_file():
+        print(f"making shards in {out} (once) ...", file=sys.stderr)
+        if shard_main([*args, "--out", str(out), "--no-progress", "--force"]) != 0:
+            raise SystemExit(f"could not make shards in {out}")
+    return out
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (DataLoader workers are joined per epoch)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_epochs(source, repeats: int, batches: int | None) -> tuple[list[float], float]:
+    """samples/s of ``repeats`` epochs (or their first ``batches`` batches) and CPU ms per 1,000 samples."""
+    rates, cpu, samples = [], 0.0, 0
+    for epoch in range(repeats):
+        c0, t0, n = cpu_seconds(), time.perf_counter(), 0
+        it = source.epoch(epoch)
+        for k, (x, _y) in enumerate(it):
+            n += x.shape[0]
+            if batches is not None and k + 1 >= batches:
+                it.close()  # stops the workers now, so their CPU time is counted
+                break
+        rates.append(n / (time.perf_counter() - t0))
+        cpu += cpu_seconds() - c0
+        samples += n
+    return rates, 1e6 * cpu / max(1, samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", help="shard folder to read (default: make FER2013 or synthetic shards in --cache)")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "bicogan_bench_data"),
+                   help="where default shards are made once (default: %(default)s)")
+    p.add_argument("--split", default="Training")
+    p.add_argument("--repeats", type=int, default=3, help="epochs measured per cell; the median is reported")
+    p.add_argument("--batches", type=int, default=None, help="measure only the first N batches of each epoch")
+    p.add_argument("--ops", default="affine_rotate", help="augmentation presets, comma separated")
+    p.add_argument("--p", type=float, default=0.5, help="probability each op fires per image")
+    p.add_argument("--backends", default="none,torch,imgaug")
+    p.add_argument("--loaders", default="stream0,stream2,memory")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from bicogan_dist.data.augment import AugmentConfig, build_augmenter
+    from bicogan_dist.data.loader import DataConfig, InMemoryBatches, build_loader
+
+    shards = Path(args.shards) if args.shards else ensure_shards(Path(args.cache))
+    loaders = {"stream0": ("stream", 0), "stream2": ("stream", 2), "memory": ("memory", 0)}
+    wanted = [s.strip() for s in args.loaders.split(",") if s.strip()]
+    backends = [s.strip() for s in args.backends.split(",") if s.strip()]
+    ops = [s.strip() for s in args.ops.split(",") if s.strip()]
+    rows = []
+    memory_load = None
+    num_samples = None
+    for name in wanted:
+        mode, workers = loaders[name]
+        for backend in backends:
+            try:
+                aug = None if backend == "none" else build_augmenter(AugmentConfig(ops=ops, backend=backend, p=args.p))
+            except Exception as exc:  # noqa: BLE001 - e.g. imgaug missing: say so in the table
+                rows.append((name, backend, None, f"unavailable: {exc}"))
+                continue
+            cfg = DataConfig(shards=str(shards), split=args.split, mode=mode, batch_size=BATCH, num_workers=workers)
+            source = build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), seed=0, augmenter=aug)
+            num_samples = source.num_samples
+            if isinstance(source, InMemoryBatches):
+                memory_load = source.load_seconds
+            rates, cpu_per_k = time_epochs(source, args.repeats, args.batches)
+            rows.append((name, backend, rates, cpu_per_k))
+            del source
+
+    label = {"stream0": "stream, 0 workers", "stream2": "stream, 2 workers", "memory": "in memory"}
+    load = os.getloadavg()
+    print(f"\nloader throughput: {shards} split {args.split} ({num_samples or 0:,} samples), batch {BATCH}, "
+          f"1 rank on CPU, {args.repeats} epochs each{'' if args.batches is None else f' x {args.batches} batches'}; "
+          f"augmentation {ops} p={args.p}")
+    print(f"{'loader':<18} {'augment':<8} {'median/s':>9} {'min/s':>8} {'max/s':>8} {'CPU ms/1k':>10}")
+    for name, backend, rates, cpu in rows:
+        if rates is None:
+            print(f"{label[name]:<18} {backend:<8} {cpu}")
+            continue
+        print(f"{label[name]:<18} {backend:<8} {statistics.median(rates):>9,.0f} {min(rates):>8,.0f} "
+              f"{max(rates):>8,.0f} {cpu:>10,.0f}")
+    if memory_load is not None:
+        print(f"in-memory load (decode the whole split once per process): {memory_load:.2f} s")
+    print(f"load average now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs"
+          + ("  (busy machine: wall-clock rates are noisy; CPU ms/1k is not)" if load[0] > (os.cpu_count() or 1) else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
