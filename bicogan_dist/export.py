@@ -116,13 +116,16 @@ def checkpoint_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]
     if engine == "ddp":
         weights = {unit: _read_safetensors(folder / f"{unit}.safetensors") for unit in ("ge", "d")}
     elif engine == "deepspeed":
-        try:
+        try:  # DeepSpeed is optional: imported only for checkpoints that need it
             from bicogan_dist.train.engine_deepspeed import consolidated_weights
+
+            consolidated = consolidated_weights(folder)
         except ImportError as exc:
-            raise ExportError(f"{folder} was written by the DeepSpeed engine, and reading it needs "
-                              f"bicogan_dist.train.engine_deepspeed.consolidated_weights, which cannot be imported "
-                              f"here ({exc}); install the deepspeed extra (pip install -e .[deepspeed])") from exc
-        weights = {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in consolidated_weights(folder).items()}
+            raise ExportError(f"{folder} was written by the DeepSpeed engine; reading it needs "
+                              f"bicogan_dist.train.engine_deepspeed.consolidated_weights and DeepSpeed, which "
+                              f"cannot be imported here ({exc}); install the deepspeed extra "
+                              f"(pip install -e .[deepspeed])") from exc
+        weights = {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in consolidated.items()}
         missing = {"ge", "d"} - set(weights)
         if missing:
             raise ExportError(f"{folder}: the DeepSpeed checkpoint yielded no {sorted(missing)} weights")

@@ -3,7 +3,7 @@
 Checkpoints are written in the trainer's exact layout (GeneratorEncoder state in
 ge.safetensors, D in d.safetensors, EMA of G in ema.safetensors, state.json committed
 through ``checkpoint.commit``), with EMA weights that differ from G's so the tests see
-which ones were exported. One slow test converts a checkpoint of a real 2-step run.
+which ones were exported. Slow tests convert checkpoints of real 2-step runs (DDP and DeepSpeed).
 """
 from __future__ import annotations
 
@@ -223,18 +223,13 @@ def test_mismatched_weights_fail_and_write_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_deepspeed_checkpoint_without_engine_module_says_so(tmp_path):
-    try:
-        import bicogan_dist.train.engine_deepspeed  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("engine_deepspeed exists: DeepSpeed checkpoints are covered by its own tests")
+def test_broken_deepspeed_checkpoint_gives_a_clear_error(tmp_path, capsys):
+    """state.json says deepspeed but the DeepSpeed tag folders are missing (or DeepSpeed is not installed)."""
     ref = make_checkpoint(tmp_path / "run", "bicogan", engine="deepspeed")
-    with pytest.raises(ExportError, match="consolidated_weights"):
-        from bicogan_dist.export import checkpoint_weights
-
-        checkpoint_weights(ref["folder"])
+    assert convert_main([str(ref["folder"]), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "DeepSpeed" in err
+    assert not (tmp_path / "export").exists()
 
 
 def test_load_export_errors_name_the_file(bicogan, tmp_path):
@@ -267,10 +262,10 @@ def test_load_export_errors_name_the_file(bicogan, tmp_path):
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_export_of_a_real_two_step_run(engine, tmp_path):
     """The real trainer (2 steps, tiny nets, either engine) → convert → the export reproduces the EMA G and E."""
-    from bicogan_dist.data.shards import main as shard_main
-    from bicogan_dist.export import checkpoint_weights
-    from bicogan_dist.models.networks import build_models
     from safetensors.torch import load_file
+
+    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.models.networks import build_models
 
     engine_args = []
     if engine == "deepspeed":
@@ -299,7 +294,13 @@ def test_export_of_a_real_two_step_run(engine, tmp_path):
     ref = build_models(model.model, len(state["label_names"]))
     ref.G.load_state_dict(load_file(str(folder / "ema.safetensors")))
     assert state["engine"] == engine
-    ref.E.load_state_dict({k[2:]: v for k, v in checkpoint_weights(folder)["ge"].items() if k.startswith("E.")})
+    if engine == "ddp":
+        ge = load_file(str(folder / "ge.safetensors"))
+    else:
+        from bicogan_dist.train.engine_deepspeed import consolidated_weights
+
+        ge = consolidated_weights(folder)["ge"]
+    ref.E.load_state_dict({k[2:]: v for k, v in ge.items() if k.startswith("E.")})
     ref.eval()
     z, c = fixed_inputs(6, True)
     with torch.inference_mode():

@@ -68,7 +68,7 @@ def test_mmd2_unbiased_matches_its_definition():
     sxx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
     syy = sum(k(y[i], y[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
     sxy = sum(k(x[i], y[j]) for i in range(7) for j in range(9)) / (7 * 9)
-    assert mmd2_unbiased(x, y) == pytest.approx(sxx + syy - 2 * sxy, rel=1e-10)
+    assert mmd2_unbiased(x, y) == pytest.approx(sxx + syy - 2 * sxy, rel=1e-6)  # float32 kernel entries
 
 
 def test_kid_is_unbiased_for_one_distribution_and_positive_for_shifted_ones():
@@ -98,3 +98,12 @@ def test_confusion_matrix_and_accuracy():
     assert per_class == [0.5, 1.0, pytest.approx(2 / 3), None]
     with pytest.raises(ValueError):
         confusion_matrix([0, 5], [0, 1], 4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine competing threads run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

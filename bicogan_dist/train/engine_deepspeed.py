@@ -18,7 +18,8 @@ section, else the accelerate launch config's ``mixed_precision``) selects bf16 o
 the engine always runs it as DeepSpeed's ``torch_autocast`` section: master and module weights
 stay fp32, the forward runs under ``torch.autocast`` (``autocast()`` below, the same context
 the trainer opens around every forward), and the gradients of Linear/Conv layers are
-communicated in the low dtype. Reasons, all checked on DeepSpeed 0.19.8:
+communicated in the low dtype (a JSON ``torch_autocast.lower_precision_safe_modules: []``
+keeps every gradient fp32 on the wire, as DDP does). Reasons, all checked on DeepSpeed 0.19.8:
 
 * The trainer and its monitor call the plain modules outside the engines with fp32 tensors:
   frozen D in the G/E step, E on held-out images, G's weights lerped into the fp32 EMA. With
@@ -37,7 +38,8 @@ measured). So for fp16 this engine keeps its own dynamic loss scale per unit (G/
 share one, DESIGN.md §6) and hands it to ZeRO through ``override_loss_scale``: ZeRO multiplies
 the loss by it, divides the gradients by it before clipping and Adam, and skips the step when
 the gradients hold inf/NaN — decided on all-reduced flags, so every rank skips the same steps
-and the scales never diverge. The scale halves on an overflow and doubles after
+and the scales never diverge (a skipped step reports an inf grad norm, as with the DDP engine's
+GradScaler; with fp16 gradient communication the first few G/E steps at 2^16 typically skip). The scale halves on an overflow and doubles after
 ``loss_scale_window`` clean steps (the JSON ``fp16`` section's ``initial_scale_power``,
 ``loss_scale_window``, ``min_loss_scale`` and ``loss_scale`` (>0: static) are honoured).
 
@@ -222,6 +224,9 @@ def resolve_config(path: str | Path | None, mixed_precision: str | None, micro_b
     if precision != "no":
         # DeepSpeed's config parser wants the "torch." prefix.
         out["torch_autocast"] = {"enabled": True, "dtype": f"torch.{'bfloat16' if precision == 'bf16' else 'float16'}"}
+        if isinstance(autocast_section, dict) and "lower_precision_safe_modules" in autocast_section:
+            # Whose gradients travel in the low dtype (DeepSpeed's default: Linear, Conv1d/2d/3d); [] = all fp32.
+            out["torch_autocast"]["lower_precision_safe_modules"] = autocast_section["lower_precision_safe_modules"]
     return ResolvedConfig(out, precision, int(stage), loss_scale)
 
 
