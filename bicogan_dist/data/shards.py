@@ -390,7 +390,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default 0)")
     p.add_argument("--force", action="store_true", help="replace shards already in --out")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes encoding PNGs (default: CPU count, at most 8; 1 = no extra processes)")
+                   help="processes parsing the input and encoding PNGs (default: CPU count, at most 8; "
+                        "1 = no extra processes; small inputs never start any)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if (args.source is None) == (args.synthetic is None):
