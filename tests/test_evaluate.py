@@ -108,6 +108,9 @@ def test_evaluate_cli_writes_json_markdown_and_png(built):
     assert "Training vs PrivateTest" in md and "Conditional generation" in md
     png = Image.open(out.with_name("REPORT_confusion.png"))
     assert png.width > 300 and png.height > 100
+    clf_meta = json.loads((built["clf"] / "classifier.json").read_text())
+    assert set(clf_meta["accuracy"]) == {"PublicTest", "PrivateTest"} and clf_meta["training"]["seconds"] > 0
+    assert report["classifier"]["accuracy_at_training"] == clf_meta["accuracy"]
 
 
 def test_evaluation_is_deterministic_and_unconditional_kinds_get_nulls(built):
@@ -219,7 +222,13 @@ def test_ablation_runs_all_seven_settings(built, tmp_path):
     md = (out / "ablation.md").read_text()
     assert "| affine_rotate | Affine(rotate=(-50, 30)) | better |" in md and "not Inception" in md
     assert "measured verdict" in proc.stdout
-    # A second call reuses the finished settings instead of training again.
-    proc = run([sys.executable, "tools/ablate_augmentations.py", "--shards", str(built["shards"]), "--classifier",
-                str(built["clf"]), "--steps", "2", "--out", str(out), "--num-samples", "6", "--settings", "crop"])
+    # A second call reuses the finished settings instead of training again ...
+    again = [sys.executable, "tools/ablate_augmentations.py", "--shards", str(built["shards"]), "--classifier",
+             str(built["clf"]), "--out", str(out), "--num-samples", "6", "--settings", "crop"]
+    tiny = ["model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout_size=32"]
+    proc = run([*again, "--steps", "2", *tiny])
     assert "reusing" in proc.stdout and "| crop |" in proc.stdout
+    # ... but never results made with another budget.
+    proc = subprocess.run([*again, "--steps", "3", *tiny], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "--rerun" in proc.stderr

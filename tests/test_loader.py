@@ -286,6 +286,19 @@ def test_stream_augmentation_is_deterministic(shards, backend):
     assert not torch.equal(torch.cat(xs), torch.cat(plain_x))
 
 
+def test_stream_workers_fork_with_opencv_single_threaded(shards):
+    """OpenCV's thread pool does not survive fork (a worker hung after imgaug ran in the parent)."""
+    cv2 = pytest.importorskip("cv2")
+    folder, _ = shards
+    cv2.setNumThreads(2)
+    try:
+        src = two_ranks(folder, mode="stream")[0]
+        assert len(list(src.epoch(0))) == 6
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(1)
+
+
 # ------------------------------------------------------------------------------------ manifest checks
 
 

@@ -56,6 +56,7 @@ import math
 import mmap
 import os
 import random
+import sys
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -79,10 +80,10 @@ __all__ = [
     "batch_seed", "chunk_seed", "epoch_seed", "mix_seed", "count_tar_samples", "index_shard", "ShardIndex",
 ]
 
-#: Samples a stream worker decodes and hands over at once (bounded by the batch size): large
-#: enough that DataLoader's per-item cost (pickling, shared memory) is small, small enough that
-#: the first batch comes quickly.
-_CHUNK_MIN, _CHUNK_MAX = 64, 512
+#: Samples a stream worker decodes and hands over at once (at least one batch): DataLoader's
+#: per-item cost (shared-memory tensors, pickling) is ~15% of a sample's CPU time at 128 and
+#: ~2% at 512, and the first batch still comes within ~0.1 s.
+_CHUNK = 512
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -488,14 +489,15 @@ class InMemoryBatches(BatchSource):
 
 @dataclass
 class _EpochPlan:
-    """What one rank reads in one stream epoch: per worker, the (shard, sample) pairs it keeps, in order."""
+    """What one rank reads in one stream epoch: per worker, its samples in reading order."""
 
-    keep: list[np.ndarray]  # per worker: (n, 2) int64 rows (shard number in the split, sample in shard)
+    keep: list[np.ndarray]  # per worker: (n, 5) int64 rows (shard number, sample in shard, png start, end, label)
 
 
-def _stream_plan(counts: Sequence[int], *, resampled: bool, seed: int, epoch: int, rank: int, world_size: int,
-                 workers: int) -> _EpochPlan:
+def _stream_plan(indexes: Sequence[ShardIndex], *, resampled: bool, seed: int, epoch: int, rank: int,
+                 world_size: int, workers: int) -> _EpochPlan:
     """Shard order and sample owners of an epoch, drawn identically on all ranks (module doc)."""
+    counts = [ix.count for ix in indexes]
     rng = np.random.default_rng(epoch_seed(seed, epoch))
     total = sum(counts)
     if resampled:  # shards with replacement until the epoch holds at least ``total`` samples
@@ -511,7 +513,14 @@ def _stream_plan(counts: Sequence[int], *, resampled: bool, seed: int, epoch: in
     owner = rng.permutation(int(lengths.sum())) % world_size
     mine = np.flatnonzero(owner == rank)  # sorted epoch positions of this rank
     slot = np.searchsorted(starts, mine, side="right") - 1
-    rows = np.stack([np.asarray(order, dtype=np.int64)[slot], mine - starts[slot]], axis=1)
+    shard = np.asarray(order, dtype=np.int64)[slot]
+    local = mine - starts[slot]
+    # Everything a worker needs per sample, gathered here once (vectorised) rather than per sample there.
+    base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    spans = np.concatenate([ix.spans for ix in indexes]) if indexes else np.empty((0, 2), np.int64)
+    labels = np.concatenate([ix.labels for ix in indexes]) if indexes else np.empty(0, np.int64)
+    flat = base[shard] + local
+    rows = np.column_stack([shard, local, spans[flat], labels[flat]])
     n_workers = max(1, workers)
     return _EpochPlan([rows[w::n_workers] for w in range(n_workers)])
 
@@ -537,8 +546,8 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
             buf = cache[s] = _open_buffer(index.path)
         return buf
 
-    def _chunks(self, refs: Iterator[tuple[int, int]], worker: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Pipeline stage: shuffled (shard, sample) refs → decoded chunks (uint8 (n,1,48,48), int64 (n,))."""
+    def _chunks(self, refs: Iterator[list[int]], worker: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Pipeline stage: shuffled sample rows → decoded chunks (uint8 (n,1,48,48), int64 (n,))."""
         decode = _png_decoder()
         cache: dict[int, Any] = {}
         index = 0
@@ -546,12 +555,17 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
             block = list(itertools.islice(refs, self.chunk))
             if not block:
                 return
-            for s in {s for s, _ in block}:
-                self._buffer(cache, s)
             images = np.empty((len(block), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-            _decode_rows(images, block, self.indexes, cache.__getitem__, decode)
+            for row, (s, i, start, end, _label) in enumerate(block):
+                buf = cache.get(s)
+                if buf is None:
+                    buf = self._buffer(cache, s)
+                try:
+                    images[row] = decode(buf, start, end)
+                except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
+                    raise ShardError(f"{self.indexes[s].where(i)}: cannot decode its PNG ({exc})") from exc
             x = torch.from_numpy(images).unsqueeze(1)
-            y = torch.from_numpy(np.fromiter((self.indexes[s].labels[i] for s, i in block), np.int64, len(block)))
+            y = torch.tensor([r[4] for r in block], dtype=torch.int64)
             if self.augmenter is not None:
                 x = self.augmenter(x, chunk_seed(self.seed, self.epoch, self.rank, worker, index))
             index += 1
@@ -595,14 +609,21 @@ def _guarded(pipeline: Any, worker: int) -> Iterator[Any]:
 
 
 def _worker_init(_worker_id: int) -> None:
-    """One thread per worker: the workers are the parallelism (OpenCV would start its own pool)."""
+    """One torch thread per worker: the workers are the parallelism."""
     torch.set_num_threads(1)
-    try:
-        import cv2
 
+
+def _opencv_fork_safe() -> None:
+    """Make OpenCV single-threaded in a process about to fork DataLoader workers.
+
+    OpenCV's thread pool does not survive fork: once the parent has run a parallel OpenCV call
+    (imgaug's warps do), a forked worker that touches the pool can hang for ever in
+    ``pthread_cond_destroy`` (seen here: the benchmark froze on its third stream epoch). With one
+    thread OpenCV keeps no pool, and for 48x48 images its threads only cost time anyway.
+    """
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 class StreamingBatches(BatchSource):
@@ -621,11 +642,11 @@ class StreamingBatches(BatchSource):
         in_workers = cfg.num_workers > 0 and getattr(augmenter, "backend", None) == "imgaug"
         self.worker_augmenter = augmenter if in_workers else None
         self.augmenter = None if in_workers else augmenter
-        self.chunk = min(max(cfg.batch_size, _CHUNK_MIN), _CHUNK_MAX)
+        self.chunk = max(cfg.batch_size, _CHUNK)
 
     def plan(self, epoch: int) -> _EpochPlan:
-        return _stream_plan([ix.count for ix in self.indexes], resampled=self.cfg.resampled, seed=self.seed,
-                            epoch=epoch, rank=self.rank, world_size=self.world_size, workers=self.cfg.num_workers)
+        return _stream_plan(self.indexes, resampled=self.cfg.resampled, seed=self.seed, epoch=epoch, rank=self.rank,
+                            world_size=self.world_size, workers=self.cfg.num_workers)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self._check_start(start_batch)
@@ -644,6 +665,8 @@ class StreamingBatches(BatchSource):
                                shuffle_buffer=self.cfg.shuffle_buffer, seed=self.seed, epoch=epoch, rank=self.rank,
                                augmenter=self.worker_augmenter)
         workers = self.cfg.num_workers
+        if workers > 0:
+            _opencv_fork_safe()
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False, worker_init_fn=_worker_init if workers > 0 else None,

@@ -21,7 +21,8 @@ the tolerance at least that large.
 
 Each setting lives in ``OUT/<name>/`` (``run/`` the training run, ``export/``, ``report.json``
 + ``.md`` + confusion PNG, ``train.log``). A setting whose report exists is reused, so an
-interrupted ablation continues where it stopped; ``--rerun`` starts afresh.
+interrupted ablation continues where it stopped (only with the same steps and overrides);
+``--rerun`` starts afresh. ``ablation.md``/``.json`` cover the settings of the latest call.
 """
 from __future__ import annotations
 
@@ -148,16 +149,21 @@ def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out
         report_json = folder / "report.json"
         if rerun and folder.exists():
             shutil.rmtree(folder)
+        extra = list(overrides)
+        if name != setting.name:  # a repeat of the baseline: another seed, same budget
+            extra.append(f"train.seed={seed + int(name.rsplit('repeat', 1)[1]) - 1}")
+        elif seed:
+            extra.append(f"train.seed={seed}")
         if report_json.is_file():
-            log(f"[{name}] reusing {report_json}")
             report = json.loads(report_json.read_text())
+            before = report.get("ablation", {})
+            if before.get("steps") != steps or before.get("overrides") != extra:
+                raise AblationError(f"{report_json} was made with steps={before.get('steps')} and overrides "
+                                    f"{before.get('overrides')}, not steps={steps} and {extra}; pass --rerun to "
+                                    f"replace it or choose another --out")
+            log(f"[{name}] reusing {report_json}")
         else:
             t0 = time.perf_counter()
-            extra = list(overrides)
-            if name != setting.name:  # a repeat of the baseline: another seed, same budget
-                extra.append(f"train.seed={seed + int(name.rsplit('repeat', 1)[1]) - 1}")
-            elif seed:
-                extra.append(f"train.seed={seed}")
             log(f"[{name}] training {steps} steps ({setting.config}.yaml)")
             train_setting(setting, folder / "run", shards, steps, extra, configs, launch, folder / "train.log")
             export_checkpoint(folder / "run", folder / "export", force=True)

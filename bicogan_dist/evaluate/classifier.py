@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="3x3 convs per stage, comma separated (default 1 in the first stage, 2 in the others)")
     p.add_argument("--feature-dim", type=int, default=ClassifierConfig().feature_dim,
                    help="width of the penultimate embedding, the FID/KID feature space (default %(default)s)")
+    p.add_argument("--dropout", type=float, default=ClassifierConfig().dropout)
     p.add_argument("--precision", choices=["bf16", "fp32"], default=defaults.precision)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's choice; 1 is fastest on a machine busy with other work)")
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         from bicogan_dist.data.manifest import ShardManifest
 
         n_cls = len(ShardManifest.load(args.shards).label_names)
-        arch = ClassifierConfig(widths=widths, convs=convs, feature_dim=args.feature_dim, num_classes=n_cls)
+        arch = ClassifierConfig(widths=widths, convs=convs, feature_dim=args.feature_dim, dropout=args.dropout,
+                                num_classes=n_cls)
         doc = train_classifier(args.shards, args.out, arch, cfg, args.device, progress=not args.no_progress,
                                limit=args.limit)
     except (ConfigError, FileNotFoundError) as exc:

@@ -70,6 +70,7 @@ import logging
 import os
 import pickle
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,9 +85,7 @@ MISSING_DEEPSPEED = "train.engine=deepspeed needs DeepSpeed: pip install -e .[de
 UNITS = ("ge", "d")
 PRECISIONS = ("no", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-#: JSON keys this engine fills in itself; the JSON may leave them out or say "auto".
-_AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size")
-#: Keys of DeepSpeed's ``fp16`` section that describe the loss scale (the rest are ignored).
+#: Keys accepted in the JSON's ``fp16`` section (hysteresis and auto_cast are accepted and ignored).
 _FP16_SCALE_KEYS = ("enabled", "initial_scale_power", "loss_scale_window", "min_loss_scale", "loss_scale",
                     "hysteresis", "consecutive_hysteresis", "auto_cast")
 
@@ -94,12 +93,15 @@ _FP16_SCALE_KEYS = ("enabled", "initial_scale_power", "loss_scale_window", "min_
 def _import_deepspeed():
     """DeepSpeed, imported on first use (quietly picks its CPU accelerator where there is no CUDA)."""
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips the "Setting accelerator to CPU" warning
+        # No CUDA means CPU processes, as in AccelerateEngine; saying so skips DeepSpeed's detection warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
     except ImportError as exc:
         raise ConfigError(MISSING_DEEPSPEED) from exc
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat the config per engine
+    # DeepSpeed's ZeRO all-gather calls a torch API that warns on every process; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return deepspeed
 
 

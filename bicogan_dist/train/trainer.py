@@ -192,7 +192,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
             loss_efl = efl_loss(c_logits.float(), y) if efl_on else torch.zeros((), device=device)
             loss_ge = loss_adv + gamma * loss_efl
             norm_ge = engine.step("ge", loss_ge, want_norm)
-            update_ema(G_ema, ge_raw.G, cfg.train.ema_decay)
+            update_ema(G_ema, ge_raw.G, ema_decay_at(step, cfg.train.ema_decay))
 
             # Every rank learns whether any rank saw a non-finite loss or a stop signal.
             flags = engine.all_reduce(torch.stack([
@@ -257,6 +257,11 @@ def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
 def _cat(a: tuple, b: tuple) -> tuple:
     """Concatenate two (x, z, c) tuples along the batch; None parts stay None."""
     return tuple(None if p is None else torch.cat([p, q]) for p, q in zip(a, b))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay ramped up over the first steps, so short runs are not dominated by the initial weights."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 @torch.no_grad()
