@@ -28,6 +28,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = get_args(tp)
+        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
         return value

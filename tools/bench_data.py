@@ -1,14 +1,15 @@
 """Benchmark: samples/s of the training loaders (stream with 0 and 2 workers, in memory), per augmentation.
 
-    python tools/bench_data.py [--shards DIR] [--repeats 3] [--batches N] [--ops affine_rotate] [--p 0.5]
+    python tools/bench_data.py [--shards DIR] [--repeats 3] [--max-seconds 20] [--ops affine_rotate] [--p 0.5]
 
 Without ``--shards`` it shards the real FER2013 Training split from ``../shared/fer2013/fer2013.csv.gz``
 when that exists (else 30,000 synthetic faces) once into a cache folder (``--cache``) and reuses it.
-Prints one table: per loader and augmentation (none / torch / imgaug backends), the median, min and max
-samples/s over ``--repeats`` epochs of one rank (world size 1, batch 128, CPU), and the CPU time per
-1,000 samples of all processes involved (main + DataLoader workers), which stays meaningful when other
-jobs load the machine and wall-clock rates drop. Stream epochs include their start (worker start, shuffle
-buffer fill); the memory row's one-off load time is printed beside the table.
+Prints one table: per loader and augmentation (none / torch / imgaug backends), the median, min and
+max samples/s over ``--repeats`` epochs of one rank (world size 1, batch 128, CPU; an epoch is cut
+short after ``--max-seconds``), and the CPU time per 1,000 samples of all processes involved (main +
+DataLoader workers), which stays meaningful when other jobs load the machine and wall-clock rates
+drop. Stream epochs include their start (worker start, shuffle buffer fill); the in-memory loader's
+one-off load time is printed under the table.
 """
 from __future__ import annotations
 
@@ -51,15 +52,21 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def time_epochs(source, repeats: int, batches: int | None) -> tuple[list[float], float]:
-    """samples/s of ``repeats`` epochs (or their first ``batches`` batches) and CPU ms per 1,000 samples."""
+def time_epochs(source, repeats: int, batches: int | None = None,
+                max_seconds: float | None = None) -> tuple[list[float], float]:
+    """samples/s of ``repeats`` epochs and CPU ms per 1,000 samples.
+
+    An epoch is cut short after ``batches`` batches or ``max_seconds`` (slow augmenters would
+    otherwise take minutes an epoch on a busy CPU).
+    """
     rates, cpu, samples = [], 0.0, 0
     for epoch in range(repeats):
         c0, t0, n = cpu_seconds(), time.perf_counter(), 0
         it = source.epoch(epoch)
         for k, (x, _y) in enumerate(it):
             n += x.shape[0]
-            if batches is not None and k + 1 >= batches:
+            if (batches is not None and k + 1 >= batches) or \
+                    (max_seconds is not None and time.perf_counter() - t0 > max_seconds):
                 it.close()  # stops the workers now, so their CPU time is counted
                 break
         rates.append(n / (time.perf_counter() - t0))
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="Training")
     p.add_argument("--repeats", type=int, default=3, help="epochs measured per cell; the median is reported")
     p.add_argument("--batches", type=int, default=None, help="measure only the first N batches of each epoch")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="cut a measured epoch short after this many seconds (default %(default)s; 0 = never)")
     p.add_argument("--ops", default="affine_rotate", help="augmentation presets, comma separated")
     p.add_argument("--p", type=float, default=0.5, help="probability each op fires per image")
     p.add_argument("--backends", default="none,torch,imgaug")
@@ -108,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
             num_samples = source.num_samples
             if isinstance(source, InMemoryBatches):
                 memory_load = source.load_seconds
-            rates, cpu_per_k = time_epochs(source, args.repeats, args.batches)
+            rates, cpu_per_k = time_epochs(source, args.repeats, args.batches, args.max_seconds or None)
             rows.append((name, backend, rates, cpu_per_k))
             del source
 
     label = {"stream0": "stream, 0 workers", "stream2": "stream, 2 workers", "memory": "in memory"}
     load = os.getloadavg()
     print(f"\nloader throughput: {shards} split {args.split} ({num_samples or 0:,} samples), batch {BATCH}, "
-          f"1 rank on CPU, {args.repeats} epochs each{'' if args.batches is None else f' x {args.batches} batches'}; "
+          f"1 rank on CPU, {args.repeats} epochs each (at most {args.batches or 'all'} batches, "
+          f"{args.max_seconds or 'no limit'} s); "
           f"augmentation {ops} p={args.p}")
     print(f"{'loader':<18} {'augment':<8} {'median/s':>9} {'min/s':>8} {'max/s':>8} {'CPU ms/1k':>10}")
     for name, backend, rates, cpu in rows:

@@ -28,7 +28,7 @@ SEED_KERAS_IMAGES_PER_S = 16.9
 
 
 def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float) -> list[float]:
-    """images/s per 10-step interval of a bare PyTorch loop (runs in this process)."""
+    """images/s per 5-step interval of a bare PyTorch loop (runs in this process)."""
     import torch
     from torch.nn import functional as F
 
@@ -67,9 +67,9 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float) 
         loss.backward()
         opt_ge.step()
         D.requires_grad_(True)
-        if step % 10 == 0:
+        if step % 5 == 0:
             now = time.perf_counter()
-            rates.append(10 * batch / (now - t0))
+            rates.append(5 * batch / (now - t0))
             t0 = now
     return rates[1:]  # first interval includes warm-up
 
@@ -82,7 +82,7 @@ def trainer_rates(cmd_prefix: list[str], shards: Path, run_dir: Path, arch: str,
     cmd = cmd_prefix + ["-m", "bicogan_dist.train", f"data.shards={shards}", f"log.run_dir={run_dir}",
                         f"model.arch={arch}", f"model.width={width}", f"data.batch_size={batch}",
                         f"train.max_steps={steps}", f"train.mixed_precision={precision}", "augment.ops=[]",
-                        "log.log_every=10", f"log.image_every={10 * steps}", f"log.checkpoint_every={10 * steps}",
+                        "log.log_every=5", f"log.image_every={10 * steps}", f"log.checkpoint_every={10 * steps}",
                         "log.progress=false"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [("ours", 64, "no"), ("ours", 64, "bf16"), ("paper", 128, "no"), ("paper", 128, "bf16")]
     for arch, batch, precision in cases:
         width = args.width if arch == "ours" else 1.0
-        steps = args.steps if arch == "ours" else max(30, args.steps // 2)
+        steps = args.steps if arch == "ours" else max(20, args.steps // 2)
         child = subprocess.run([sys.executable, __file__, "--plain", arch, str(batch), str(steps), precision,
                                 "--width", str(width)], cwd=ROOT, capture_output=True, text=True, check=True)
         plain = statistics.median(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = f"{trainer / SEED_KERAS_IMAGES_PER_S:.1f}x" if case.startswith("paper") else "-"
         plain_s = f"{plain:.0f}" if plain else "-"
         print(f"{case:<22} {job:<24} {trainer:>14.0f} {plain_s:>12} {ratio:>6} {seed:>14}")
-    print(f"\nmedians of 10-step intervals; seed Keras code (paper arch, batch 128): {SEED_KERAS_IMAGES_PER_S} img/s")
+    print(f"\nmedians of 5-step intervals; seed Keras code (paper arch, batch 128): {SEED_KERAS_IMAGES_PER_S} img/s")
     return 0
 
 

@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from bicogan_dist.data.records import FaceRecord
+from bicogan_dist.labels import DISGUST_CODE
 
 BLANK_STD = 5.0
 TRAIN_SPLIT = "Training"
@@ -159,8 +160,8 @@ def quality_report(records: Sequence[FaceRecord], blank_std: float = BLANK_STD) 
 
 
 def drop_decisions(records: Sequence[FaceRecord], analysis: QualityAnalysis, *, drop_disgust: bool,
-                   drop_duplicates: bool = False, drop_leaks: bool = False, drop_blank: bool = False,
-                   disgust_code: int = 1) -> dict[int, str]:
+                   drop_duplicates: bool = False, drop_leaks: bool = False,
+                   drop_blank: bool = False) -> dict[int, str]:
     """Record index → reason, for every record to leave out; each index gets the first reason of DROP_REASONS.
 
     Rules (all judged on the full set, so they do not depend on one another):
@@ -174,7 +175,7 @@ def drop_decisions(records: Sequence[FaceRecord], analysis: QualityAnalysis, *, 
     """
     candidates: dict[str, set[int]] = {reason: set() for reason in DROP_REASONS}
     if drop_disgust:
-        candidates["disgust"] = {i for i, r in enumerate(records) if r.fer_code == disgust_code}
+        candidates["disgust"] = {i for i, r in enumerate(records) if r.fer_code == DISGUST_CODE}
     if drop_blank:
         candidates["blank"] = set(np.flatnonzero(analysis.std < analysis.report.blank_std_threshold).tolist())
     if drop_duplicates:

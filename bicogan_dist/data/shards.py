@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 from bicogan_dist.data.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, SplitInfo, sha256_file
 from bicogan_dist.data.records import IMAGE_SIZE, FaceRecord
 from bicogan_dist.data.shard_format import encode_sample
-from bicogan_dist.labels import DISGUST_CODE, SPLITS, EmotionLabels
+from bicogan_dist.labels import SPLITS, EmotionLabels
 
 if TYPE_CHECKING:
     import multiprocessing.pool
@@ -313,7 +313,7 @@ def _write_output(records: list[FaceRecord], description: str, read_report: "Rea
     log(analysis.report.table())
     decisions = drop_decisions(records, analysis, drop_disgust=not opts.keep_disgust,
                                drop_duplicates=opts.drop_duplicates, drop_leaks=opts.drop_leaks,
-                               drop_blank=opts.drop_blank, disgust_code=DISGUST_CODE)
+                               drop_blank=opts.drop_blank)
     by_split: dict[str, list[FaceRecord]] = {}
     for i, record in enumerate(records):
         if i not in decisions:

@@ -59,7 +59,8 @@ def make_engine(cfg: ExperimentConfig):
     if cfg.train.engine == "deepspeed":
         from bicogan_dist.train.engine_deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg.train.deepspeed_config, cfg.train.mixed_precision)
+        return DeepSpeedEngine(cfg.train.deepspeed_config, cfg.train.mixed_precision,
+                               micro_batch_size=cfg.data.batch_size)
     from bicogan_dist.train.engine import AccelerateEngine
 
     return AccelerateEngine(cfg.train.mixed_precision)
@@ -176,6 +177,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
             norm_d = engine.step("d", loss_d, want_norm)
             if cfg.loss.loss == "wgan":
                 clip_weights_(D_raw, cfg.loss.clip_value)
+                if hasattr(engine, "push_module_weights"):  # ZeRO keeps fp32 master weights apart from the module
+                    engine.push_module_weights("d")
 
             # --- G/E update through the plain, frozen D.
             D_raw.requires_grad_(False)
