@@ -240,7 +240,7 @@ def test_resampled_keeps_the_epoch_length_and_is_deterministic(shards):
 
 def test_batch_size_too_big_for_the_split(shards):
     folder, _ = shards
-    with pytest.raises(ShardError, match="fewer than world_size x batch_size"):
+    with pytest.raises(ConfigError, match="data.batch_size: split Training has 96 samples, fewer than world_size x"):
         build_loader(DataConfig(shards=str(folder), batch_size=64), rank=0, world_size=2, device=CPU, seed=0)
 
 

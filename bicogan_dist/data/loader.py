@@ -366,9 +366,9 @@ def _open_split(cfg: DataConfig, limit: int | None = None) -> tuple[ShardManifes
 def _per_epoch(count: int, world_size: int, batch_size: int, split: str) -> int:
     n = count // (world_size * batch_size)
     if n == 0:
-        raise ShardError(f"split {split} has {count} samples, fewer than world_size x batch_size = "
-                         f"{world_size} x {batch_size}: not one batch per process; lower data.batch_size "
-                         f"or use fewer processes")
+        raise ConfigError(f"data.batch_size: split {split} has {count} samples, fewer than world_size x batch_size "
+                          f"= {world_size} x {batch_size}, so not one batch per process; lower data.batch_size "
+                          f"or use fewer processes")
     return n
 
 
@@ -399,10 +399,16 @@ class BatchSource(ABC):
             raise ValueError(f"start_batch {start_batch} is outside 0..{self.batches_per_epoch}")
 
 
-def _load(cfg: DataConfig, limit: int | None = None, threads: int | None = None
+def _load(cfg: DataConfig, limit: int | None = None, threads: int | None = None,
+          before_decode: Callable[[SplitInfo], Any] | None = None
           ) -> tuple[ShardManifest, SplitInfo, np.ndarray, np.ndarray]:
-    """Checks + decode of the split's first ``limit`` (default all) samples: (manifest, info, images, labels)."""
+    """Checks + decode of the split's first ``limit`` (default all) samples: (manifest, info, images, labels).
+
+    ``before_decode(info)`` runs after the manifest checks, so its errors come before seconds of decoding.
+    """
     manifest, info, indexes = _open_split(cfg, limit)
+    if before_decode is not None:
+        before_decode(info)
     total = sum(ix.count for ix in indexes)
     n = total if limit is None else max(0, min(int(limit), total))
     items = [(s, i) for s, ix in enumerate(indexes) for i in range(ix.count)][:n]
@@ -449,7 +455,8 @@ class InMemoryBatches(BatchSource):
         self.augmenter = augmenter
         self.batch_size = cfg.batch_size
         t0 = time.perf_counter()
-        manifest, info, images, labels = _load(cfg)
+        manifest, info, images, labels = _load(
+            cfg, before_decode=lambda info: _per_epoch(info.count, world_size, cfg.batch_size, cfg.split))
         self.label_names = tuple(manifest.label_names)
         self.num_samples = info.count
         self.batches_per_epoch = _per_epoch(info.count, world_size, cfg.batch_size, cfg.split)

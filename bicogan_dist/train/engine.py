@@ -34,6 +34,16 @@ class GeneratorEncoder(nn.Module):
         return fake, z_hat, c_logits
 
 
+def all_reduce(tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
+    """Sum or max over ranks, out of place (a no-op in a single process); shared by both engines."""
+    if world_size == 1:
+        return tensor
+    out = tensor.clone()
+    reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(out, op=reduce_op)
+    return out
+
+
 def grad_norm(params: Iterator[nn.Parameter]) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
@@ -105,13 +115,7 @@ class AccelerateEngine:
         self.accelerator.wait_for_everyone()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum or max over ranks (a no-op in a single process)."""
-        if self.world_size == 1:
-            return tensor
-        out = tensor.clone()
-        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(out, op=reduce_op)
-        return out
+        return all_reduce(tensor, op, self.world_size)
 
     # -- modules ----------------------------------------------------------------------
     def unwrap(self, unit: str) -> nn.Module:

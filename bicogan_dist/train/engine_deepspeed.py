@@ -80,6 +80,7 @@ import torch
 from torch import nn
 
 from bicogan_dist.config import ConfigError
+from bicogan_dist.train.engine import GeneratorEncoder, all_reduce
 
 MISSING_DEEPSPEED = "train.engine=deepspeed needs DeepSpeed: pip install -e .[deepspeed]"
 UNITS = ("ge", "d")
@@ -346,7 +347,6 @@ class DeepSpeedEngine:
     # -- building the two engines ----------------------------------------------------------------------------
     def prepare(self, models, optim_cfg, compile_models: bool = False, channels_last: bool = False) -> None:
         """One DeepSpeed engine (torch Adam, ZeRO per the JSON) for G+E and one for D."""
-        from bicogan_dist.train.engine import GeneratorEncoder
 
         if compile_models:
             raise ConfigError("train.compile: not supported with train.engine=deepspeed; use train.engine=ddp "
@@ -412,13 +412,7 @@ class DeepSpeedEngine:
             torch.distributed.barrier()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Sum or max over ranks (a no-op in a single process)."""
-        if self.world_size == 1:
-            return tensor
-        out = tensor.clone()
-        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(out, op=reduce_op)
-        return out
+        return all_reduce(tensor, op, self.world_size)
 
     # -- modules -------------------------------------------------------------------------------------------------
     def unwrap(self, unit: str) -> nn.Module:
