@@ -266,16 +266,25 @@ class TorchAugmenter(Augmenter):
 _EYE = torch.eye(3, dtype=torch.float64)
 
 
-def _pixel_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 2) source pixel coordinates (x, y; pixel centres at integers) of every output pixel."""
+def _normalised_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 2) grid_sample coordinates (align_corners=False) of every output pixel's source."""
     b, c, h, w = x.shape
     inv = torch.linalg.inv(forward)[:, :2, :]  # output pixel → input pixel, centred coordinates
     # F.affine_grid wants normalised coordinates; align_corners=False: pixel j ↔ (j - (W-1)/2) / (W/2)
     half = torch.tensor([w / 2, h / 2], dtype=torch.float64)
     theta = torch.cat([inv[:, :, :2] * half[None, None, :] / half[None, :, None], (inv[:, :, 2] / half)[:, :, None]], 2)
-    grid = F.affine_grid(theta.to(torch.float32).to(x.device), [b, c, h, w], align_corners=False)
-    half_d = half.to(torch.float32).to(x.device)
-    return grid * half_d + (half_d - 0.5)
+    return F.affine_grid(theta.to(torch.float32).to(x.device), [b, c, h, w], align_corners=False)
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    return torch.tensor([w / 2, h / 2], dtype=torch.float32, device=x.device)
+
+
+def _pixel_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 2) source pixel coordinates (x, y; pixel centres at integers) of every output pixel."""
+    half = _half(x)
+    return _normalised_grid(forward, x) * half + (half - 0.5)
 
 
 def _coverage(grid: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -303,14 +312,16 @@ def _resample(x: torch.Tensor, run: list[tuple[str, torch.Tensor]]) -> torch.Ten
     if not run or bool((forward == _EYE).all()):
         return x
     b, _, h, w = x.shape
-    grid = _pixel_grid(forward, x)
+    grid = _normalised_grid(forward, x)  # the common path samples these directly
     if all(kind == "crop" for kind, _ in run):
+        half = _half(x)
+        pix = grid * half + (half - 0.5)
         s = torch.linalg.inv(forward)[:, [0, 1], [0, 1]].abs().to(torch.float32).to(x.device)[:, None, None, :]
-        a = grid + 0.5 - s / 2  # left/top edge of the box (s < 1 input pixels) an output pixel covers
+        a = pix + 0.5 - s / 2  # left/top edge of the box (s < 1 input pixels) an output pixel covers
         k = a.floor()
-        grid = k + ((a + s - k - 1) / s).clamp_(0, 1)  # weight of the next pixel = its overlap / s
-    half = torch.tensor([w / 2, h / 2], dtype=torch.float32, device=x.device)
-    out = F.grid_sample(x, (grid - (half - 0.5)) / half, mode="bilinear", padding_mode="zeros", align_corners=False)
+        pix = k + ((a + s - k - 1) / s).clamp_(0, 1)  # weight of the next pixel = its overlap / s
+        grid = (pix - (half - 0.5)) / half
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     after = _EYE  # forward map from an intermediate image to the output
     for _kind, m in reversed(run[1:]):
         after = after @ m

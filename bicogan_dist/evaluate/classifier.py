@@ -366,9 +366,9 @@ def train_classifier(shards: str | Path, out_dir: str | Path, arch: ClassifierCo
     watch_split = cfg.eval_split if cfg.eval_split in heldout else next(iter(heldout), None)
     watch = heldout[watch_split] if watch_split else None
     load_s = time.perf_counter() - t_load
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     clf, history = fit_classifier(train_x, train_y, names, arch, cfg, device, watch=watch, progress=progress)
-    train_s = time.perf_counter() - t0
+    train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     accuracy, per_class = {}, {}
     for split, (x, y) in heldout.items():
         pred = clf.predict(x).cpu()
@@ -382,7 +382,8 @@ def train_classifier(shards: str | Path, out_dir: str | Path, arch: ClassifierCo
         "per_class_accuracy": per_class,
         "accuracy_note": "predictions average the logits of each image and its mirror (flip TTA)",
         "training": {**asdict(cfg), "train_images": int(train_x.shape[0]), "device": str(device),
-                     "seconds": round(train_s, 1), "data_load_seconds": round(load_s, 1),
+                     "seconds": round(train_s, 1), "cpu_seconds": round(cpu_s, 1),
+                     "threads": torch.get_num_threads(), "data_load_seconds": round(load_s, 1),
                      "torch": torch.__version__, "shards": str(shards), "source": manifest.source,
                      "history": history},
     }
