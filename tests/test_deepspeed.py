@@ -26,7 +26,7 @@ from bicogan_dist.config import ConfigError
 from bicogan_dist.train.engine_deepspeed import MISSING_DEEPSPEED, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "ds_probe.py"
+PROBE = ROOT / "tests" / "train_probe.py"
 SMOKE = ROOT / "launch_configs" / "experiments" / "smoke.yaml"
 CPU_2PROC = ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"
 DS_CONFIGS = ROOT / "launch_configs" / "deepspeed"

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "ddp_probe.py"
+PROBE = ROOT / "tests" / "train_probe.py"
 SMOKE = ROOT / "launch_configs" / "experiments" / "smoke.yaml"
 CPU_2PROC = ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"
 TINY = ["model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout_size=32", "log.progress=false"]

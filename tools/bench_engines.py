@@ -4,7 +4,7 @@
                                   [--engines ddp,zero1,zero2] [--repeats 1]
 
 Each engine runs the real trainer once under ``accelerate launch`` with
-launch_configs/accelerate/cpu_2proc.yaml (tests/ds_probe.py wraps it and reports each rank's
+launch_configs/accelerate/cpu_2proc.yaml (tests/train_probe.py wraps it and reports each rank's
 peak resident memory, ``resource.getrusage().ru_maxrss``). Prints one table: images/s (median
 of the logged 10-step intervals after the first, both ranks together), peak RSS of each rank,
 and the size of the final checkpoint. Runs are sequential in this one invocation (``--repeats N``
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "ds_probe.py"
+PROBE = ROOT / "tests" / "train_probe.py"
 ENGINES = {
     "ddp": ("ddp", None),
     "zero1": ("deepspeed", ROOT / "launch_configs" / "deepspeed" / "zero1.json"),

@@ -36,7 +36,7 @@ DEFAULT_SHARD_SIZE = 4000
 #: PNG encoding dominates writing (~0.27 ms/image); jobs go to workers in chunks this size.
 _ENCODE_CHUNK = 256
 #: Rows per worker task when parsing CSV text (~8 KB each).
-_READ_CHUNK = 64
+_READ_CHUNK = 256
 #: Below these input sizes starting worker processes (~0.5 s) costs more than it saves.
 _POOL_MIN_BYTES = 4 << 20
 _POOL_MIN_IMAGES = 4000

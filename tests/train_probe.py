@@ -1,6 +1,6 @@
-"""Run the real trainer in a launched process (either engine), then dump what the DeepSpeed tests and the bench compare.
+"""Run the real trainer in a launched process (either engine), then dump what the training tests and the bench compare.
 
-Usage (under ``accelerate launch``): ds_probe.py OUT_DIR [--config EXP.yaml] [key=value ...]
+Usage (under ``accelerate launch``): train_probe.py OUT_DIR [--config EXP.yaml] [key=value ...]
 Writes
   OUT_DIR/rank<R>.safetensors  every parameter and buffer of G+E (``ge.*``) and D (``d.*``) as the live
                                modules hold them, the EMA (``ema.*``), and G's output on fixed inputs in
