@@ -172,8 +172,9 @@ def test_ablation_verdict_rule_and_table():
              "conditional_accuracy": 0.5, "fid_training": 10.0 + i, "encoder_accuracy": 0.4,
              "fid_change": i / 10, "measured_verdict": "same", "agrees_with_paper": None if i == 0 else True}
             for i, s in enumerate(SETTINGS)]
-    md = ablation_markdown({"steps": 2, "overrides": [], "rule": "r = ...", "feature_space": "FS", "split": "PrivateTest",
-                            "num_samples_per_class": 5, "seed": 0, "seconds": 1.0, "rows": rows})
+    md = ablation_markdown({"steps": 2, "overrides": [], "rule": "r = ...", "feature_space": "FS",
+                            "split": "PrivateTest", "num_samples_per_class": 5, "seed": 0, "seconds": 1.0,
+                            "rows": rows})
     assert "Affine(rotate=(-50, 30))" in md and "| crop |" in md and "FS" in md
 
 

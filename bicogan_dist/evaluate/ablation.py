@@ -191,8 +191,8 @@ def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out
         r["fid_change"] = (r[MAIN_METRIC] - baseline[MAIN_METRIC]) / baseline[MAIN_METRIC] \
             if baseline[MAIN_METRIC] else None
         if r["setting"] == "none":
-            r["measured_verdict"] = "baseline" if r["name"] == "none" else verdict(r[MAIN_METRIC], baseline[MAIN_METRIC],
-                                                                                   tolerance)
+            r["measured_verdict"] = ("baseline" if r["name"] == "none"
+                                     else verdict(r[MAIN_METRIC], baseline[MAIN_METRIC], tolerance))
             r["agrees_with_paper"] = None
         else:
             r["measured_verdict"] = verdict(r[MAIN_METRIC], baseline[MAIN_METRIC], tolerance)

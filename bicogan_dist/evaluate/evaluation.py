@@ -169,11 +169,13 @@ class Evaluator:
         gen_f = self.clf.features(images).cpu()
         r = self.real
         tr, te = "Training", r.split
-        out_fid = {f"generated_vs_{tr}": fid(gen_f, r.train_features), f"generated_vs_{te}": fid(gen_f, r.test_features)}
+        out_fid = {f"generated_vs_{tr}": fid(gen_f, r.train_features),
+                   f"generated_vs_{te}": fid(gen_f, r.test_features)}
         out_kid = {f"generated_vs_{tr}": self._kid(gen_f, r.train_features),
                    f"generated_vs_{te}": self._kid(gen_f, r.test_features)}
         if "reference" not in r.cache:  # real vs real does not depend on G: compute once
-            r.cache["reference"] = (fid(r.train_features, r.test_features), self._kid(r.train_features, r.test_features))
+            r.cache["reference"] = (fid(r.train_features, r.test_features),
+                                    self._kid(r.train_features, r.test_features))
         out_fid[f"real_{tr}_vs_{te}"], out_kid[f"real_{tr}_vs_{te}"] = r.cache["reference"]
         return {"fid": out_fid, "kid": out_kid, "generated": total,
                 "generated_class_counts": None if labels is None else dict(zip(r.class_names, counts)),
@@ -270,7 +272,7 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
                        "accuracy_at_training": classifier.meta.get("accuracy")},
         "settings": {"shards": str(shards), "split": split, "num_samples_per_class": num_samples, "seed": seed,
                      "device": str(device), "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
-                     "classifier_flip_tta": True},
+                     "transfer_limit": transfer_limit, "train_limit": train_limit, "classifier_flip_tta": True},
     }
     report["conditional_accuracy"] = ev.conditional_accuracy(G, exported.z_dim) if conditional else None
     report.update(ev.fid_kid(G, exported.z_dim, conditional))
@@ -283,10 +285,12 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
     return report
 
 
+TrainingEvaluator = Callable[[nn.Module, "nn.Module | None", list[str]], dict[str, float]]
+
+
 def make_training_evaluator(classifier_dir: str | Path, shards: str | Path, num_samples: int = 200,
                             split: str = "PublicTest", device: torch.device | str = "cpu", seed: int = 0,
-                            train_limit: int | None = 10000, model: Any = None) -> Callable[[nn.Module, nn.Module | None, list[str]],
-                                                                         dict[str, float]]:
+                            train_limit: int | None = 10000, model: Any = None) -> TrainingEvaluator:
     """A callable for the trainer: ``fn(G_ema, E, class_names) -> {"eval/...": float}`` to log every N steps.
 
     Real features are computed once here, so each call costs only generation and
@@ -336,4 +340,5 @@ def _z_dim(G: nn.Module) -> int:
     for m in G.modules():
         if isinstance(m, nn.Linear):
             return int(m.in_features)
-    raise ValueError("cannot tell the generator's z_dim; pass model= (the run's ModelConfig) to make_training_evaluator")
+    raise ValueError("cannot tell the generator's z_dim; pass model= (the run's ModelConfig) to "
+                     "make_training_evaluator")

@@ -3,13 +3,14 @@
 - FID: Fréchet distance between Gaussian fits of two feature sets,
   ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2)``. The trace of the matrix square
   root is taken from the eigenvalues of ``S1^1/2 S2 S1^1/2`` (symmetric PSD, so ``eigh`` in
-  float64 is exact and stable); no scipy needed.
+  float64 is exact and stable); no scipy needed (scipy is not a dependency of the project).
 - KID: unbiased MMD² with the cubic polynomial kernel ``k(x, y) = (x·y / d + 1)^3``,
-  averaged over random subsets (mean ± std); kernel entries in float32, sums in float64. Unbiased means the estimate for two samples of
-  one distribution is centred on 0 and can be negative.
+  averaged over random subsets (mean ± std); kernel entries in float32, sums in float64.
+  Unbiased means the estimate for two samples of one distribution is centred on 0 and
+  can be negative.
 - Confusion matrices and per-class accuracy for the classifier-based measures.
 
-The linear algebra runs in torch (float64, CPU), not numpy: torch honours
+The linear algebra runs in torch on the CPU, not numpy: torch honours
 ``torch.set_num_threads``, while numpy's OpenBLAS starts its own threads, which on a
 machine busy with other work made KID ten times slower.
 """

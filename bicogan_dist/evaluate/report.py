@@ -84,8 +84,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
 
     per_class_rows = []
     for i, name in enumerate(names):
-        per_class_rows.append([name, _fmt(ca and ca["per_class"][name], True), _fmt(enc and enc["per_class"][name], True),
-                               _fmt(tr and tr["per_target"][name], True)])
+        per_class_rows.append([name, _fmt(ca and ca["per_class"][name], True),
+                               _fmt(enc and enc["per_class"][name], True), _fmt(tr and tr["per_target"][name], True)])
     lines += ["## Per emotion", ""] + _table(["emotion", "conditional accuracy", f"encoder accuracy ({split})",
                                                "transfer success (as target)"], per_class_rows) + [""]
     lines += ["## Confusion matrices", ""]
@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="REPORT.json",
                    help="report path; REPORT.md and REPORT_confusion.png are written beside it")
     p.add_argument("--num-samples", type=int, default=500, help="generated faces per emotion (default %(default)s)")
-    p.add_argument("--split", default=None, help="held-out split (default PrivateTest, or Test for image-folder shards)")
+    p.add_argument("--split", default=None,
+                   help="held-out split (default PrivateTest, or Test for image-folder shards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
