@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import shutil
 import sys
 import warnings
@@ -38,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bicogan_dist.atomic_dir import replace_dir, temp_sibling
 from bicogan_dist.config import ConfigError, from_dict, to_dict
 from bicogan_dist.train import checkpoint as ckpt
 
@@ -316,25 +315,6 @@ def _check_output_dir(out: Path, force: bool) -> None:
                           f"refusing to replace it, even with --force: pick another --out")
     if not force:
         raise ExportError(f"{out} already holds an export; pass --force to replace it, or pick another --out")
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out`` by renames; a previous ``out`` is removed last."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_sibling(out: Path) -> Path:
-    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    return tmp
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

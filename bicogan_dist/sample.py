@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bicogan_dist.export import ExportedModel, ExportError, load_export, replace_dir, temp_sibling
+from bicogan_dist.atomic_dir import replace_dir, temp_sibling
+from bicogan_dist.export import ExportedModel, ExportError, load_export
 from bicogan_dist.imaging import labelled_grid, save_png, to_model_range, to_uint8
 
 GENERATED_SPLIT = "Generated"

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The real data set lives beside the repository (never inside it); a fresh clone has none.
@@ -114,3 +115,13 @@ def tiny_rows() -> list[FerRow]:
 def tiny_fer_csv(write_fer_csv: Callable[..., Path], tiny_rows: list[FerRow]) -> Path:
     """A 28-row Kaggle-format fer2013.csv: 14 Training, 7 PublicTest, 7 PrivateTest, every code, all distinct."""
     return write_fer_csv(tiny_rows)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules of small-tensor tests: on a shared 2-core machine a second
+    OpenMP thread only adds barrier stalls. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from bicogan_dist.data.synthetic import render_faces
 from bicogan_dist.imgaug_compat import iaa
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches: torch's intra-op threads only add contention on the shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from bicogan_dist.labels import EmotionLabels
 TINY = ClassifierConfig(widths=(8, 16, 32, 32), feature_dim=32, dropout=0.1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP threads fighting over cores run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +24,7 @@ TINY_CLF = ["--epochs", "2", "--batch-size", "32", "--widths", "8,16,16,16", "--
 NUM = 12  # generated faces per emotion
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP threads fighting over cores run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_in_process(shards: Path, run_dir: Path, *overrides: str) -> None:

@@ -24,7 +24,7 @@ from bicogan_dist.config import ConfigError
 from bicogan_dist.data.augment import AugmentConfig, build_augmenter
 from bicogan_dist.data.loader import (DataConfig, InMemoryBatches, StreamingBatches, batch_seed, build_loader,
                                       count_tar_samples, index_shard, load_split, mix_seed)
-from bicogan_dist.data.manifest import MANIFEST_NAME, ShardError, ShardManifest, SplitInfo
+from bicogan_dist.data.manifest import ShardError, ShardManifest, SplitInfo
 from bicogan_dist.data.records import FaceRecord
 from bicogan_dist.data.shards import write_split_shards
 from bicogan_dist.labels import EmotionLabels

@@ -13,13 +13,7 @@ from bicogan_dist.models.losses import (LossConfig, clip_weights_, d_loss, efl_l
                                         gradient_penalty)
 from bicogan_dist.models.networks import ModelConfig, build_models
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gp_value(*args) -> float:

@@ -24,14 +24,7 @@ def small_cfg(kind: str, arch: str, **kw) -> ModelConfig:
     return ModelConfig(kind=kind, arch=arch, z_dim=kw.pop("z_dim", 16), **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors gain nothing from a second thread, and on a shared 2-core machine
-    OpenMP barriers stall for whole scheduler slices."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(kind: str, arch: str, seed: int = 0, **kw):

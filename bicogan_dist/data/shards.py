@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import secrets
 import shutil
 import sys
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
+from bicogan_dist.atomic_dir import replace_dir, temp_sibling
 from bicogan_dist.data.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, SplitInfo, sha256_file
 from bicogan_dist.data.records import IMAGE_SIZE, FaceRecord
 from bicogan_dist.data.shard_format import encode_sample
@@ -223,17 +223,6 @@ def _check_output(out: Path, force: bool) -> None:
                                 "pass --force to replace them all, or pick another --out")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` folder with renames (the old one is removed last)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _read_records(src: "FerSource", map_fn: Callable,
                   progress: bool) -> tuple[list[FaceRecord], str, "ReadReport"]:
     """All records of a FER2013 copy, its description and the reader's report."""
@@ -325,9 +314,7 @@ def _write_output(records: list[FaceRecord], description: str, read_report: "Rea
     quality = analysis.report.to_dict()
     quality["reader"] = read_report.to_dict()
 
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    tmp = temp_sibling(out)
     try:
         splits: dict[str, SplitInfo] = {}
         with _progress(sum(len(v) for v in by_split.values()), "writing shards", opts.progress) as bar:
@@ -340,7 +327,7 @@ def _write_output(records: list[FaceRecord], description: str, read_report: "Rea
                                  dropped=_dropped_counts(decisions, opts, read_report))
         manifest.save(tmp)
         _check_output(out, opts.force)  # again: another run may have written there meanwhile
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
