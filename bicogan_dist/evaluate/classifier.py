@@ -71,8 +71,8 @@ class ClassifierConfig:
 class ClassifierTrainConfig:
     """Optimisation. The defaults (with ClassifierConfig's) reached 66.5% six-class accuracy on
     PrivateTest of the real FER2013 (65.5% PublicTest, flip TTA) in about 20 CPU-minutes on one
-    thread (38 minutes wall on a shared 2-core machine); more epochs and width help where compute allows (published single networks reach
-    73-74% on seven classes)."""
+    thread (38 minutes wall on a shared 2-core machine). More epochs and width should help where
+    compute allows (published single networks reach 73-74% on seven classes)."""
 
     epochs: int = 12
     batch_size: int = 128

@@ -71,8 +71,12 @@ class StopFlags:
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Give the process its own handlers back (train() may run inside a larger program)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.requested = True
@@ -249,6 +253,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
                 monitor.write(f"step {step}: stop signal received; checkpoint saved, exiting")
                 break
     finally:
+        stop.restore()
         monitor.close()
     return TrainResult(run_dir, step, engine, G_ema)
 
