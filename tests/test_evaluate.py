@@ -226,3 +226,18 @@ def test_ablation_runs_all_seven_settings(built, tmp_path):
     proc = subprocess.run([*again, "--steps", "3", *tiny], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 2 and "--rerun" in proc.stderr
+
+
+def test_trainer_logs_periodic_evaluation_to_tensorboard(built, tmp_path):
+    """eval.every: the trainer calls the evaluator on rank 0 and TensorBoard gets eval/* scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    train_in_process(built["shards"], run_dir, "model.kind=bicogan", "eval.every=1",
+                     f"eval.classifier={built['clf']}", "eval.num_samples=4")
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"eval/conditional_accuracy", "eval/fid_training", "eval/encoder_accuracy"} <= tags, tags
+    assert [e.step for e in acc.Scalars("eval/conditional_accuracy")] == [1, 2]
+    assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("eval/encoder_accuracy"))

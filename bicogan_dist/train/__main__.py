@@ -11,6 +11,20 @@ from bicogan_dist.train.config import load_config
 from bicogan_dist.train.trainer import NonFiniteLossError, train
 
 
+def _evaluator_factory(cfg):
+    """Periodic evaluation (eval.every > 0) composed here, at the top, so training never imports evaluation."""
+    if cfg.eval.every <= 0:
+        return None
+
+    def factory(device):
+        from bicogan_dist.evaluate.evaluation import make_training_evaluator
+
+        return make_training_evaluator(cfg.eval.classifier, cfg.data.shards, num_samples=cfg.eval.num_samples,
+                                       split=cfg.eval.split, device=device, seed=cfg.train.seed, model=cfg.model)
+
+    return factory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bicogan_dist.train",
@@ -24,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
     except (ConfigError, ShardError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -76,6 +76,24 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (bicogan_dist.evaluate), logged to TensorBoard as eval/*."""
+
+    every: int = 0  # steps between evaluations; 0 = off
+    classifier: str = ""  # tools/train_classifier.py output folder
+    num_samples: int = 200  # generated faces per emotion
+    split: str = "PublicTest"  # real held-out split; PrivateTest stays for final reports
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        if self.every > 0 and not self.classifier:
+            raise ConfigError("eval.classifier: required when eval.every > 0 (a tools/train_classifier.py folder)")
+        if self.num_samples < 1:
+            raise ConfigError(f"eval.num_samples must be >= 1, got {self.num_samples}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "bicogan"
     data: DataConfig = field(default_factory=DataConfig)
@@ -85,6 +103,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if not self.log.run_dir:

@@ -31,7 +31,7 @@ class Monitor:
             return
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
-        if self.bar is not None:
+        if self.bar is not None and "loss/d" in values:
             self.bar.set_postfix(img_s=f"{values.get('perf/images_per_s', 0):.0f}",
                                  d=f"{values.get('loss/d', 0):.3f}", ge=f"{values.get('loss/ge', 0):.3f}")
 

@@ -17,6 +17,7 @@ import hashlib
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -92,8 +93,14 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, Pa
     return run_dir, start
 
 
-def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
-    """Run (or continue) one training run."""
+#: Builds, on the training device, ``fn(G_ema, E, class_names) -> {"eval/...": value}``. The trainer
+#: only calls it; the CLI composes it from bicogan_dist.evaluate, which lies downstream of training.
+EvaluatorFactory = Callable[[torch.device], Callable[[torch.nn.Module, torch.nn.Module | None, list[str]], dict]]
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None,
+          evaluator_factory: EvaluatorFactory | None = None) -> TrainResult:
+    """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0."""
     engine = make_engine(cfg)
     run_dir, start_ckpt = prepare_run_dir(cfg, resume)
     device, rank, world = engine.device, engine.rank, engine.world_size
@@ -130,6 +137,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
     fixed_z = torch.randn(cfg.log.grid_columns, cfg.model.z_dim,
                           generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
 
+    evaluator = None
+    if evaluator_factory is not None and cfg.eval.every > 0 and engine.is_main:
+        evaluator = evaluator_factory(device)
     monitor = Monitor(run_dir, engine.is_main, cfg.train.max_steps, start_step, cfg.log.progress)
     monitor.write(f"run {run_dir}: {cfg.model.kind}/{cfg.model.arch}, {world} process(es) on {device.type}, "
                   f"precision {engine.mixed_precision}, {per_epoch} batches/epoch of {cfg.data.batch_size}/process, "
@@ -246,6 +256,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainResult:
             if at_images:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
+            if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+                monitor.scalars(step, evaluator(G_ema, ge_raw.E, label_names))
             if at_checkpoint:
                 saved = save_checkpoint(run_dir, step, engine, G_ema, cfg, per_epoch, label_names)
                 monitor.write(f"step {step}: checkpoint {saved}")
