@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
-    print(f"done: {result.run_dir} at step {result.step}", flush=True)
+    if result.engine.is_main:
+        print(f"done: {result.run_dir} at step {result.step}", flush=True)
     return 0
 
 

@@ -117,8 +117,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
     G_ema = copy.deepcopy(models.G).to(device).requires_grad_(False)
     engine.prepare(models, cfg.optim, compile_models=cfg.train.compile, channels_last=cfg.model.channels_last)
     ge_raw, D_raw = engine.unwrap("ge"), engine.unwrap("d")
-    kind = cfg.model
-    conditional, bidirectional = kind.conditional, kind.bidirectional
+    conditional, bidirectional = cfg.model.conditional, cfg.model.bidirectional
     efl_on = conditional and bidirectional
 
     start_step = 0
