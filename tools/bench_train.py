@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=Path, help="shard folder (default: a synthetic set made here)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--width", type=float, default=1.0, help="model.width for arch ours")
+    parser.add_argument("--no-paper", action="store_true", help="skip arch paper (minutes per step on 2 CPU cores)")
+    parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process job")
     parser.add_argument("--plain", nargs=4, metavar=("ARCH", "BATCH", "STEPS", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain:  # child mode: one plain loop in a fresh process, result as JSON
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", "29611"]
     rows = []
-    cases = [("ours", 64, "no"), ("ours", 64, "bf16"), ("paper", 128, "no"), ("paper", 128, "bf16")]
+    cases = [("ours", 64, "no"), ("ours", 64, "bf16")]
+    if not args.no_paper:
+        cases += [("paper", 128, "no"), ("paper", 128, "bf16")]
     for arch, batch, precision in cases:
         width = args.width if arch == "ours" else 1.0
         steps = args.steps if arch == "ours" else max(20, args.steps // 2)
@@ -127,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = statistics.median(trainer_rates(single, shards, tmp / f"run_{arch}_{precision}", arch, batch,
                                                   steps, precision, width))
         rows.append((f"{arch} b{batch} {precision}", "1 process", trainer, plain))
-    ddp = statistics.median(trainer_rates(launch, shards, tmp / "run_ddp", "ours", 64, args.steps, "no", args.width))
-    rows.append(("ours b64/process no", "2 processes (DDP, gloo)", ddp, None))
+    if not args.no_ddp:
+        ddp = statistics.median(trainer_rates(launch, shards, tmp / "run_ddp", "ours", 64, args.steps, "no",
+                                              args.width))
+        rows.append(("ours b64/process no", "2 processes (DDP, gloo)", ddp, None))
 
     print(f"\n{'case':<22} {'job':<24} {'trainer img/s':>14} {'plain img/s':>12} {'ratio':>6} {'vs seed Keras':>14}")
     for case, job, trainer, plain in rows:
