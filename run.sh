@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: install, shard, train.  bash run.sh [path/to/fer2013.csv[.gz] | fer2013 folder] [key=value ...]
 # Without a path it trains on the built-in synthetic expression set; with one, on real FER2013.
-# Uses every GPU it finds (bf16), else two CPU processes. Leaves runs/quickstart/ (TensorBoard, checkpoints, samples).
+# Uses every GPU it finds (bf16), else two CPU processes. Leaves runs/quickstart-<synthetic|fer2013>/.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -28,5 +28,6 @@ else
   LAUNCH=(--config_file launch_configs/accelerate/cpu_2proc.yaml)
 fi
 accelerate launch "${LAUNCH[@]}" -m bicogan_dist.train \
-  --config launch_configs/experiments/quickstart.yaml --resume latest data.shards="$SHARDS" "$@"
-echo "TensorBoard: .venv/bin/tensorboard --logdir runs/quickstart/tb   samples: runs/quickstart/samples/"
+  --config launch_configs/experiments/quickstart.yaml --resume latest data.shards="$SHARDS" \
+  log.run_dir="runs/quickstart-$(basename "$SHARDS")" "$@"
+echo "TensorBoard: .venv/bin/tensorboard --logdir runs/quickstart-$(basename "$SHARDS")/tb   samples: runs/quickstart-$(basename "$SHARDS")/samples/"
