@@ -70,9 +70,14 @@ def read_state(folder: Path) -> dict[str, Any]:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def begin(run_dir: str | Path, step: int) -> Path:
-    """The temporary folder a checkpoint is written into (created by the caller's rank 0)."""
-    return checkpoint_root(run_dir) / (checkpoint_name(step) + ".tmp")
+def begin(run_dir: str | Path, step: int, create: bool) -> Path:
+    """The temporary folder a checkpoint is written into; rank 0 passes ``create`` to make it afresh."""
+    tmp = checkpoint_root(run_dir) / (checkpoint_name(step) + ".tmp")
+    if create:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
 
 
 def commit(tmp: Path, state: dict[str, Any], keep: int) -> Path:

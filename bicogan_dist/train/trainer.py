@@ -312,13 +312,7 @@ def average_buffers(modules: list[torch.nn.Module], engine) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig,
                     per_epoch: int, label_names: list[str]) -> Path:
-    tmp = ckpt.begin(run_dir, step)
-    if engine.is_main:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = ckpt.begin(run_dir, step, create=engine.is_main)
     engine.barrier()
     engine.save(tmp)
     rng = {"cpu": torch.get_rng_state()}
