@@ -70,7 +70,7 @@ def read_state(folder: Path) -> dict[str, Any]:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def begin(run_dir: str | Path, step: int, create: bool) -> Path:
+def begin(run_dir: str | Path, step: int, create: bool = False) -> Path:
     """The temporary folder a checkpoint is written into; rank 0 passes ``create`` to make it afresh."""
     tmp = checkpoint_root(run_dir) / (checkpoint_name(step) + ".tmp")
     if create:
