@@ -44,6 +44,8 @@ at a time reproduces imgaug's chain (mean < 0.25).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -267,13 +269,27 @@ _EYE = torch.eye(3, dtype=torch.float64)
 
 
 def _normalised_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 2) grid_sample coordinates (align_corners=False) of every output pixel's source."""
+    """(B, H, W, 2) grid_sample coordinates (align_corners=False) of every output pixel's source.
+
+    Same values as ``F.affine_grid`` (to 5e-7), built as one matmul against a cached base
+    grid: on CPU ``affine_grid`` took twice as long as the ``grid_sample`` it feeds.
+    """
     b, c, h, w = x.shape
     inv = torch.linalg.inv(forward)[:, :2, :]  # output pixel → input pixel, centred coordinates
-    # F.affine_grid wants normalised coordinates; align_corners=False: pixel j ↔ (j - (W-1)/2) / (W/2)
+    # normalised coordinates, align_corners=False: pixel j ↔ (j - (W-1)/2) / (W/2)
     half = torch.tensor([w / 2, h / 2], dtype=torch.float64)
     theta = torch.cat([inv[:, :, :2] * half[None, None, :] / half[None, :, None], (inv[:, :, 2] / half)[:, :, None]], 2)
-    return F.affine_grid(theta.to(torch.float32).to(x.device), [b, c, h, w], align_corners=False)
+    theta = theta.to(torch.float32).to(x.device)
+    return torch.matmul(_base_grid(h, w, x.device), theta.transpose(1, 2)).reshape(b, h, w, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(1, H*W, 3) rows (x, y, 1) of every pixel centre in normalised coordinates (align_corners=False)."""
+    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
+    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
+    one = torch.ones((), dtype=torch.float32)
+    return torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None], one), -1).reshape(1, h * w, 3).to(device)
 
 
 def _half(x: torch.Tensor) -> torch.Tensor:
@@ -309,8 +325,16 @@ def _resample(x: torch.Tensor, run: list[tuple[str, torch.Tensor]]) -> torch.Ten
     forward = _EYE
     for _kind, m in run:
         forward = m @ forward
-    if not run or bool((forward == _EYE).all()):
+    if not run:
         return x
+    moved = (forward != _EYE).flatten(1).any(1)  # with p < 1 many images keep the identity: skip them
+    if not bool(moved.all()):
+        if not bool(moved.any()):
+            return x
+        idx = moved.nonzero().squeeze(1)
+        out = x.clone()
+        out[idx.to(x.device)] = _resample(x[idx.to(x.device)], [(kind, m[idx]) for kind, m in run])
+        return out
     b, _, h, w = x.shape
     grid = _normalised_grid(forward, x)  # the common path samples these directly
     if all(kind == "crop" for kind, _ in run):
