@@ -1,9 +1,10 @@
 """Benchmark: images/s of the trainer's step against a minimal plain-PyTorch loop on the same networks.
 
-    python tools/bench_train.py [--shards DIR] [--steps 60] [--quick]
+    python tools/bench_train.py [--shards DIR] [--steps 75] [--rounds 2] [--no-paper] [--no-ddp]
 
-Prints one table (medians over the logged intervals of each run, all runs in this one
-invocation, so ratios are comparable on a noisy shared machine):
+Prints one table (medians over the logged intervals of each run after the first, all runs
+in this one invocation; plain and trainer runs alternate and the ratio is the median of
+the per-round ratios, so a load change on a noisy shared machine hits both sides):
   * trainer vs plain loop, single process, fp32 and bf16, arch ours (batch 64);
   * the same for arch paper at batch 128 (the seed's Keras code: 16.9 images/s on this machine);
   * the trainer as a 2-process CPU DDP job (accelerate launch, launch_configs/accelerate/cpu_2proc.yaml).
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED_KERAS_IMAGES_PER_S = 16.9
 
 
-def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float) -> list[float]:
-    """images/s per 5-step interval of a bare PyTorch loop (runs in this process)."""
+def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, interval: int) -> list[float]:
+    """images/s per ``interval``-step interval of a bare PyTorch loop (runs in this process)."""
     import torch
     from torch.nn import functional as F
 
@@ -67,22 +68,22 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float) 
         loss.backward()
         opt_ge.step()
         D.requires_grad_(True)
-        if step % 5 == 0:
+        if step % interval == 0:
             now = time.perf_counter()
-            rates.append(5 * batch / (now - t0))
+            rates.append(interval * batch / (now - t0))
             t0 = now
     return rates[1:]  # first interval includes warm-up
 
 
 def trainer_rates(cmd_prefix: list[str], shards: Path, run_dir: Path, arch: str, batch: int, steps: int,
-                  precision: str, width: float) -> list[float]:
+                  precision: str, width: float, log_every: int) -> list[float]:
     """Run the real trainer as a subprocess and read its logged images/s from TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cmd = cmd_prefix + ["-m", "bicogan_dist.train", f"data.shards={shards}", f"log.run_dir={run_dir}",
                         f"model.arch={arch}", f"model.width={width}", f"data.batch_size={batch}",
                         f"train.max_steps={steps}", f"train.mixed_precision={precision}", "augment.ops=[]",
-                        "log.log_every=5", f"log.image_every={10 * steps}", f"log.checkpoint_every={10 * steps}",
+                        f"log.log_every={log_every}", f"log.image_every={10 * steps}", f"log.checkpoint_every={10 * steps}",
                         "log.progress=false"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -91,21 +92,28 @@ def trainer_rates(cmd_prefix: list[str], shards: Path, run_dir: Path, arch: str,
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     values = [e.value for e in acc.Scalars("perf/images_per_s")]
-    return values[1:-1] if len(values) > 2 else values  # drop warm-up and the final (checkpoint) interval
+    return values[1:] if len(values) > 1 else values  # drop the warm-up interval
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, help="shard folder (default: a synthetic set made here)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=75)
+    parser.add_argument("--log-every", type=int, default=25,
+                        help="the trainer's log.log_every (its default); each logged interval is one sample")
     parser.add_argument("--width", type=float, default=1.0, help="model.width for arch ours")
     parser.add_argument("--no-paper", action="store_true", help="skip arch paper (minutes per step on 2 CPU cores)")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-process job")
-    parser.add_argument("--plain", nargs=4, metavar=("ARCH", "BATCH", "STEPS", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating plain/trainer runs per arch-ours case")
+    parser.add_argument("--paper-rounds", type=int, default=1, help="the same for arch paper (minutes per run)")
+    parser.add_argument("--paper-steps", type=int, default=12,
+                        help="steps per arch-paper run (seconds per step here), logged every 4")
+    parser.add_argument("--plain", nargs=5, metavar=("ARCH", "BATCH", "STEPS", "PRECISION", "INTERVAL"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain:  # child mode: one plain loop in a fresh process, result as JSON
-        arch, batch, steps, precision = args.plain
-        print(json.dumps(plain_loop(arch, int(batch), int(steps), precision, args.width)))
+        arch, batch, steps, precision, interval = args.plain
+        print(json.dumps(plain_loop(arch, int(batch), int(steps), precision, args.width, int(interval))))
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -124,25 +132,34 @@ def main(argv: list[str] | None = None) -> int:
         cases += [("paper", 128, "no"), ("paper", 128, "bf16")]
     for arch, batch, precision in cases:
         width = args.width if arch == "ours" else 1.0
-        steps = args.steps if arch == "ours" else max(20, args.steps // 2)
-        child = subprocess.run([sys.executable, __file__, "--plain", arch, str(batch), str(steps), precision,
-                                "--width", str(width)], cwd=ROOT, capture_output=True, text=True, check=True)
-        plain = statistics.median(json.loads(child.stdout.strip().splitlines()[-1]))
-        trainer = statistics.median(trainer_rates(single, shards, tmp / f"run_{arch}_{precision}", arch, batch,
-                                                  steps, precision, width))
-        rows.append((f"{arch} b{batch} {precision}", "1 process", trainer, plain))
+        steps, every = (args.steps, args.log_every) if arch == "ours" else (args.paper_steps, 4)
+        plains, trainers = [], []
+        # Plain and trainer runs alternate, so a load change on this shared machine hits both:
+        # the ratio is the median of each round's trainer/plain ratio.
+        for r in range(args.rounds if arch == "ours" else args.paper_rounds):
+            child = subprocess.run([sys.executable, __file__, "--plain", arch, str(batch), str(steps), precision,
+                                    str(every), "--width", str(width)], cwd=ROOT, capture_output=True, text=True,
+                                   check=True)
+            plains.append(statistics.median(json.loads(child.stdout.strip().splitlines()[-1])))
+            trainers.append(statistics.median(trainer_rates(single, shards, tmp / f"run_{arch}_{precision}_{r}", arch,
+                                                            batch, steps, precision, width, every)))
+            print(f"{arch} b{batch} {precision} round {r + 1}: trainer {trainers[-1]:.1f} img/s, "
+                  f"plain {plains[-1]:.1f} img/s", file=sys.stderr, flush=True)
+        ratio = statistics.median(t / p for t, p in zip(trainers, plains))
+        rows.append((f"{arch} b{batch} {precision}", "1 process", statistics.median(trainers),
+                     statistics.median(plains), ratio))
     if not args.no_ddp:
         ddp = statistics.median(trainer_rates(launch, shards, tmp / "run_ddp", "ours", 64, args.steps, "no",
-                                              args.width))
-        rows.append(("ours b64/process no", "2 processes (DDP, gloo)", ddp, None))
+                                              args.width, args.log_every))
+        rows.append(("ours b64/process no", "2 processes (DDP, gloo)", ddp, None, None))
 
     print(f"\n{'case':<22} {'job':<24} {'trainer img/s':>14} {'plain img/s':>12} {'ratio':>6} {'vs seed Keras':>14}")
-    for case, job, trainer, plain in rows:
-        ratio = f"{trainer / plain:.2f}" if plain else "-"
+    for case, job, trainer, plain, ratio in rows:
+        ratio = f"{ratio:.2f}" if ratio else "-"
         seed = f"{trainer / SEED_KERAS_IMAGES_PER_S:.1f}x" if case.startswith("paper") else "-"
         plain_s = f"{plain:.0f}" if plain else "-"
         print(f"{case:<22} {job:<24} {trainer:>14.0f} {plain_s:>12} {ratio:>6} {seed:>14}")
-    print(f"\nmedians of 5-step intervals; seed Keras code (paper arch, batch 128): {SEED_KERAS_IMAGES_PER_S} img/s")
+    print(f"\nmedians of logged intervals ({args.log_every} steps; arch paper 4), ratio = median of rounds; seed Keras code (paper arch, batch 128): {SEED_KERAS_IMAGES_PER_S} img/s")
     return 0
 
 

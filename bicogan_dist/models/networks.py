@@ -90,7 +90,7 @@ class ModelConfig:
     width: float = 1.0  # channel multiplier of ``ours``; must stay 1.0 for ``paper`` (fixed widths)
     spectral_norm: bool = True  # spectral norm on every D layer (``ours``; ignored by ``paper``)
     d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, DESIGN.md §6
-    channels_last: bool = False  # build the conv weights in channels_last memory format
+    channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

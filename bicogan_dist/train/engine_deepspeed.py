@@ -346,7 +346,10 @@ class DeepSpeedEngine:
 
     # -- building the two engines ----------------------------------------------------------------------------
     def prepare(self, models, optim_cfg, compile_models: bool = False, channels_last: bool = False) -> None:
-        """One DeepSpeed engine (torch Adam, ZeRO per the JSON) for G+E and one for D."""
+        """One DeepSpeed engine (torch Adam, ZeRO per the JSON) for G+E and one for D.
+
+        ``channels_last`` is accepted for the engines' common signature and not applied (see below).
+        """
 
         if compile_models:
             raise ConfigError("train.compile: not supported with train.engine=deepspeed; use train.engine=ddp "
@@ -357,9 +360,9 @@ class DeepSpeedEngine:
         units = {"ge": GeneratorEncoder(models.G, models.E), "d": models.D}
         lrs = {"ge": optim_cfg.lr_ge, "d": optim_cfg.lr_d}
         for unit, module in units.items():
-            module = module.to(self._device)
-            if channels_last:
-                module = module.to(memory_format=torch.channels_last)
+            # ZeRO views every parameter as flat bytes, which needs dense row-major storage: the
+            # weights go back to contiguous format (channels_last inputs still work, only slower).
+            module = module.to(self._device).to(memory_format=torch.contiguous_format)
             optimizer = torch.optim.Adam(module.parameters(), lr=lrs[unit], betas=(optim_cfg.beta1, optim_cfg.beta2))
             engine, *_ = self.deepspeed.initialize(model=module, optimizer=optimizer,
                                                    config=copy.deepcopy(self.resolved.ds_config))
