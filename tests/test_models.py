@@ -10,7 +10,7 @@ from torch import nn
 
 from bicogan_dist.config import ConfigError, from_dict
 from bicogan_dist.models.losses import LossConfig, d_loss, efl_loss, ge_loss
-from bicogan_dist.models.networks import (KINDS, KerasSameConv2d, ModelConfig, build_models,
+from bicogan_dist.models.networks import (KINDS, KerasSameConv2d, MinibatchStd, ModelConfig, build_models,
                                           config_from_description, count_parameters, describe)
 
 N_CLS = 6
@@ -304,6 +304,31 @@ def test_describe_is_json_safe_counts_parameters_and_round_trips():
     assert paper["spectral_norm"] is False and paper["parameters"]["E"] == 0 and paper["num_classes"] == 7
 
 
+def test_minibatch_std_groups_never_mix_real_and_fake():
+    """Groups are consecutive samples: a (real, fake) batch gives each half its own statistic."""
+    mb = MinibatchStd(4)
+    real = torch.randn(8, 3, 2, 2)
+    fake = torch.zeros(8, 3, 2, 2)  # a collapsed generator: no variety at all
+    out = mb(torch.cat([real, fake]))
+    assert out.shape == (16, 4, 2, 2)
+    torch.testing.assert_close(out[:, :3], torch.cat([real, fake]))
+    stat = out[:, 3, 0, 0]
+    assert (stat[:8] > 0.1).all() and (stat[8:] < 1e-3).all()
+    expected = real.reshape(2, 4, 3, 2, 2).var(1, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))
+    torch.testing.assert_close(stat[:8], expected.repeat_interleave(4))
+    assert (out[:, 3] == stat[:, None, None]).all()  # one value per sample, tiled over the map
+    odd = MinibatchStd(4)(torch.randn(6, 3, 2, 2))  # no group of 4 divides 6: 2 groups of 3
+    assert odd[0, 3, 0, 0] == odd[2, 3, 0, 0] and odd[2, 3, 0, 0] != odd[3, 3, 0, 0]
+    assert (MinibatchStd(4)(torch.randn(5, 3, 2, 2))[:, 3] < 1e-3).all()  # prime batch: group 1, zero channel
+
+
+def test_mbstd_group_validated_and_optional():
+    with pytest.raises(ConfigError, match="model.mbstd_group"):
+        ModelConfig(mbstd_group=-1)
+    off = build_models(ModelConfig(width=0.25, mbstd_group=0), N_CLS).D
+    assert not any(isinstance(m, MinibatchStd) for m in off.modules())
+
+
 def test_count_parameters():
     assert count_parameters(None) == 0
     assert count_parameters(nn.Linear(3, 2)) == 8
@@ -311,7 +336,7 @@ def test_count_parameters():
 
 def test_ours_parameter_counts_are_documented():
     """The counts quoted in the networks module docstring (width 1, 6 classes, z 100)."""
-    assert describe(ModelConfig(), N_CLS)["parameters"] == {"G": 2_501_081, "E": 1_634_218, "D": 7_268_289}
+    assert describe(ModelConfig(), N_CLS)["parameters"] == {"G": 2_501_081, "E": 1_634_218, "D": 7_286_721}
 
 
 # ----------------------------------------------------------------------------- cost

@@ -169,6 +169,7 @@ def test_nan_loss_stops_with_step_and_loss_and_saves_nothing_after(shards, tmp_p
     ("model.kind=vae", "model.kind: 'vae' is not one of"),
     ("train.max_steps=0", "train.max_steps must be >= 1"),
     ("data.shards=/nonexistent/shards", "/nonexistent/shards"),
+    ("data.batch_size=6", "model.mbstd_group: data.batch_size 6 (per process) is not a multiple"),
 ])
 def test_bad_config_fails_fast_with_the_key(shards, tmp_path, override, message):
     proc = run(train_cmd(tmp_path / "run", shards, override), timeout=120)

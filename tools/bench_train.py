@@ -9,7 +9,8 @@ the per-round ratios, so a load change on a noisy shared machine hits both sides
   * the same for arch paper at batch 128 (the seed's Keras code: 16.9 images/s on this machine);
   * the trainer as a 2-process CPU DDP job (accelerate launch, launch_configs/accelerate/cpu_2proc.yaml).
 The plain loop does the same math (one G/E forward shared by a D step on concatenated
-real+fake tuples and a G/E step through frozen D, Adam on both) with none of the trainer's
+real+fake tuples and a G/E step through frozen D with the EFL and the latent cycle loss
+on E_z(G(z, c)), Adam on both) with none of the trainer's
 bookkeeping: no loader, no EMA, no logging, no rank agreement.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
     import torch
     from torch.nn import functional as F
 
-    from bicogan_dist.models.losses import LossConfig, d_loss, efl_loss, ge_loss
+    from bicogan_dist.models.losses import LossConfig, d_loss, efl_loss, ge_loss, latent_cycle_loss
     from bicogan_dist.models.networks import ModelConfig, build_models
 
     torch.manual_seed(0)
@@ -53,6 +54,7 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
         with amp:
             fake = G(z, y)
             z_hat, logits = E(x)
+            z_rec, _ = E(fake)
             c_real = logits.float().softmax(1)
             s = D(torch.cat([x, fake.detach()]), torch.cat([z_hat.detach(), z]),
                   torch.cat([c_real.detach(), onehot])).float()
@@ -63,7 +65,8 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
         D.requires_grad_(False)
         with amp:
             s = D(torch.cat([x, fake]), torch.cat([z_hat, z]), torch.cat([c_real, onehot])).float()
-        loss = ge_loss(loss_cfg, s[:batch], s[batch:]) + 5.0 * efl_loss(logits.float(), y)
+        loss = (ge_loss(loss_cfg, s[:batch], s[batch:]) + 5.0 * efl_loss(logits.float(), y)
+                + latent_cycle_loss(z_rec, z))
         opt_ge.zero_grad(set_to_none=True)
         loss.backward()
         opt_ge.step()

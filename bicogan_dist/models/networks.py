@@ -36,13 +36,13 @@ one channel, made G 4.5x slower on CPU (5.4 s vs 1.2 s forward+backward at batch
 E is a 4x4 stride-2 conv stack (48→24→12→6, C→2C→4C) with GroupNorm (no batch
 statistics, nothing to synchronise under DDP) and LeakyReLU(0.2), with Linear heads for
 z_hat and the emotion logits. D is a BiGAN-style joint discriminator: the same conv stack
-on x (spectral norm, LeakyReLU, no BatchNorm unless ``d_batchnorm``) → Linear to 8C
-features, a two-layer MLP on z, a Linear embedding of c, and a joint MLP on the
+on x (spectral norm, LeakyReLU, no BatchNorm unless ``d_batchnorm``) plus a
+minibatch-stddev channel (``mbstd_group``) → Linear to 8C features, a two-layer MLP on z, a Linear embedding of c, and a joint MLP on the
 concatenation → 1 score; spectral norm (``spectral_norm``) wraps every D layer. Weights
 start at DCGAN's normal(0, 0.02). Cost is quadratic in width: use width 0.25-0.5 on CPU.
 Parameter counts (6 classes, z_dim 100, bicogan): width 1 — G 2,501,081, E 1,634,218,
-D 7,268,289; width 0.5 — G 1,087,001, E 653,322, D 1,831,905; width 0.25 — G 502,841,
-E 285,754, D 465,393.
+D 7,286,721; width 0.5 — G 1,087,001, E 653,322, D 1,841,121; width 0.25 — G 502,841,
+E 285,754, D 470,001.
 
 ``paper`` — the seed paper's published Keras networks, layer for layer (``width``,
 ``spectral_norm`` and ``d_batchnorm`` do not apply; ``describe`` reports the effective
@@ -90,6 +90,7 @@ class ModelConfig:
     width: float = 1.0  # channel multiplier of ``ours``; must stay 1.0 for ``paper`` (fixed widths)
     spectral_norm: bool = True  # spectral norm on every D layer (``ours``; ignored by ``paper``)
     d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, DESIGN.md §6
+    mbstd_group: int = 4  # D's minibatch-stddev group (``ours``; 0 = off): D sees a lack of variety in G'
     channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
 
     def __post_init__(self) -> None:
@@ -103,6 +104,8 @@ class ModelConfig:
                 or not math.isfinite(self.width) or self.width <= 0:
             raise ConfigError(f"model.width must be a number > 0, got {self.width!r}")
         self.width = float(self.width)
+        if isinstance(self.mbstd_group, bool) or not isinstance(self.mbstd_group, int) or self.mbstd_group < 0:
+            raise ConfigError(f"model.mbstd_group must be an integer >= 0 (0 = off), got {self.mbstd_group!r}")
         for name in ("spectral_norm", "d_batchnorm", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
@@ -229,17 +232,44 @@ class OursEncoder(nn.Module):
         return self.z_head(h), (None if self.c_head is None else self.c_head(h))
 
 
+class MinibatchStd(nn.Module):
+    """Append one channel: the feature standard deviation over groups of ``group`` consecutive samples.
+
+    StyleGAN's remedy for mode collapse: a per-sample D cannot see that every fake in a batch
+    is the same face, this channel can. Groups are consecutive samples, so the trainer's
+    concatenated (real, fake) batch never mixes the two halves when the per-process batch is
+    a multiple of the group; a batch that no group size > 1 divides gets group 1 (a zero channel).
+    """
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, c, hh, ww = h.shape
+        g = next(d for d in range(min(self.group, n), 0, -1) if n % d == 0)
+        std = (h.float().reshape(n // g, g, c, hh, ww).var(1, unbiased=False) + 1e-8).sqrt()
+        stat = std.mean((1, 2, 3)).to(h.dtype)  # (n // g,)
+        stat = stat.repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, hh, ww)
+        return torch.cat([h, stat], 1)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}"
+
+
 class OursDiscriminator(nn.Module):
-    """Joint D(x, z, c): conv features of x, MLP of z, Linear embedding of c, joint MLP → score."""
+    """Joint D(x, z, c): conv features of x (+ minibatch stddev), MLP of z, embedding of c, joint MLP → score."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         C, H, self.kind, self.num_classes = cfg.base_channels, 8 * cfg.base_channels, cfg.kind, num_classes
         sn = _spectral_norm if cfg.spectral_norm else (lambda m: m)
         lrelu = lambda: nn.LeakyReLU(0.2, True)  # noqa: E731
+        convs = list(_ours_conv_stack(C, "batch" if cfg.d_batchnorm else "none", cfg.spectral_norm))[:-1]
+        extra = 1 if cfg.mbstd_group > 0 else 0
         self.x_net = nn.Sequential(
-            *_ours_conv_stack(C, "batch" if cfg.d_batchnorm else "none", cfg.spectral_norm),
-            sn(nn.Linear(6 * 6 * 4 * C, H)), lrelu())
+            *convs, *([MinibatchStd(cfg.mbstd_group)] if extra else []), nn.Flatten(),
+            sn(nn.Linear(6 * 6 * (4 * C + extra), H)), lrelu())
         self.z_net = (nn.Sequential(sn(nn.Linear(cfg.z_dim, H)), lrelu(), sn(nn.Linear(H, H)), lrelu())
                       if cfg.bidirectional else None)
         self.c_net = sn(nn.Linear(num_classes, H, bias=False)) if cfg.conditional else None

@@ -5,6 +5,8 @@ Validation happens once, here, at start: an unknown key or a bad value raises
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -111,6 +113,12 @@ class ExperimentConfig:
         if self.train.engine == "deepspeed" and not self.train.deepspeed_config:
             raise ConfigError("train.deepspeed_config: required when train.engine is deepspeed "
                               "(for example launch_configs/deepspeed/zero2.json)")
+        group = self.model.mbstd_group
+        if self.model.arch == "ours" and group > 1 and self.data.batch_size % group:
+            raise ConfigError(f"model.mbstd_group: data.batch_size {self.data.batch_size} (per process) is not a "
+                              f"multiple of the minibatch-stddev group {group}, so groups would mix real and fake "
+                              f"samples; choose a batch size that is, or model.mbstd_group "
+                              f"{math.gcd(group, self.data.batch_size)} (0 = off)")
         if self.loss.loss == "wgan_gp" and self.train.compile:
             raise ConfigError("train.compile: not supported with loss.loss=wgan_gp (double backward)")
 

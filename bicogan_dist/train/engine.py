@@ -19,19 +19,27 @@ from bicogan_dist.models.networks import GANModels
 
 
 class GeneratorEncoder(nn.Module):
-    """G and E as one unit: one forward gives G(z, c) and E(x) for both steps of an iteration."""
+    """G and E as one unit: one forward gives G(z, c) and E(x) for both steps of an iteration.
+
+    With ``encode_fake`` it also encodes the fake batch, E_z(G(z, c)), for the latent cycle
+    loss; that stays inside this (DDP-wrapped) forward so every gradient path is one DDP pass.
+    """
 
     def __init__(self, G: nn.Module, E: nn.Module | None) -> None:
         super().__init__()
         self.G = G
         self.E = E
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None):
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None, encode_fake: bool = False):
+        """(fake, z_hat, c_logits) and, with ``encode_fake``, z_rec = E_z(fake)."""
         fake = self.G(z, c)
         if self.E is None or x is None:
-            return fake, None, None
+            return (fake, None, None, None) if encode_fake else (fake, None, None)
         z_hat, c_logits = self.E(x)
-        return fake, z_hat, c_logits
+        if not encode_fake:
+            return fake, z_hat, c_logits
+        z_rec, _ = self.E(fake)  # a separate call: the paper E's BatchNorm must not mix real and fake
+        return fake, z_hat, c_logits, z_rec
 
 
 def all_reduce(tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:

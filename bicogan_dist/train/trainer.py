@@ -3,7 +3,8 @@
 One iteration ("step"): a single forward of G(z, c) and E(x) shared by both updates;
 the D update on (real, fake) tuples concatenated into one batch; then the G/E update
 through the plain D module with D frozen (so D's DDP hooks never fire in the G/E
-step), plus the extrinsic factor loss on E's emotion logits for real images.
+step), plus the extrinsic factor loss on E's emotion logits for real images and
+(unless ``loss.latent_weight`` is 0) the latent cycle loss ||E_z(G(z, c)) - z||^2.
 
 Exact resume: the data order is a pure function of (seed, epoch, rank) and z of
 (seed, step, rank), so a checkpoint needs models, optimizers, scalers, EMA, each
@@ -29,7 +30,8 @@ from bicogan_dist.data.augment import build_augmenter
 from bicogan_dist.data.loader import build_loader, load_split
 from bicogan_dist.data.manifest import ShardManifest
 from bicogan_dist.imaging import to_model_range
-from bicogan_dist.models.losses import clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty
+from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty,
+                                        latent_cycle_loss)
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig
@@ -119,6 +121,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
     ge_raw, D_raw = engine.unwrap("ge"), engine.unwrap("d")
     conditional, bidirectional = cfg.model.conditional, cfg.model.bidirectional
     efl_on = conditional and bidirectional
+    latent_on = bidirectional and cfg.loss.latent_weight > 0
 
     start_step = 0
     if start_ckpt is not None:
@@ -165,7 +168,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
 
             # One forward of G and E, shared by both updates.
             with engine.autocast():
-                fake, z_hat, c_logits = engine.ge(z, c, x if bidirectional else None)
+                if latent_on:
+                    fake, z_hat, c_logits, z_rec = engine.ge(z, c, x, encode_fake=True)
+                else:
+                    fake, z_hat, c_logits = engine.ge(z, c, x if bidirectional else None)
             c_fake = F.one_hot(y, n_cls).float() if conditional else None
             if not conditional:
                 c_real = None
@@ -207,6 +213,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
             gamma = efl_weight(step / per_epoch, cfg.loss.efl_alpha, cfg.loss.efl_rho, cfg.loss.efl_phi)
             loss_efl = efl_loss(c_logits.float(), y) if efl_on else torch.zeros((), device=device)
             loss_ge = loss_adv + gamma * loss_efl
+            loss_latent = None
+            if latent_on:
+                loss_latent = latent_cycle_loss(z_rec, z)
+                loss_ge = loss_ge + cfg.loss.latent_weight * loss_latent
             norm_ge = engine.step("ge", loss_ge, want_norm)
             update_ema(G_ema, ge_raw.G, ema_decay_at(step, cfg.train.ema_decay))
 
@@ -225,6 +235,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
 
             metrics = {"loss/d": loss_d, "loss/ge": loss_ge, "loss/ge_adversarial": loss_adv, "loss/efl": loss_efl,
                        "D/real_score": s_real.mean(), "D/fake_score": s_fake.mean()}
+            if loss_latent is not None:
+                metrics["loss/latent_cycle"] = loss_latent
             if efl_on:
                 metrics["encoder/batch_accuracy"] = (c_logits.argmax(1) == y).float().mean()
             for k, v in metrics.items():
