@@ -217,3 +217,14 @@ def test_two_machines_on_loopback_form_one_job(shards, tmp_path):
     a, b = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "launch_configs" / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_experiment_config_validates(path):
+    """Each shipped experiment loads and passes validation (a typo in one would only show at launch)."""
+    from bicogan_dist.train.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    if path.stem == "bicogan_paper":
+        assert (cfg.model.arch, cfg.loss.latent_weight, cfg.data.batch_size) == ("paper", 0.0, 128)

@@ -248,7 +248,9 @@ class MinibatchStd(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = h.shape
         g = next(d for d in range(min(self.group, n), 0, -1) if n % d == 0)
-        std = (h.float().reshape(n // g, g, c, hh, ww).var(1, unbiased=False) + 1e-8).sqrt()
+        # contiguous first: torch.var over a strided (channels_last) view took 70 ms here, this 1 ms
+        y = h.float().contiguous().view(n // g, g, c, hh, ww)
+        std = ((y - y.mean(1, keepdim=True)).square().mean(1) + 1e-8).sqrt()
         stat = std.mean((1, 2, 3)).to(h.dtype)  # (n // g,)
         stat = stat.repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, hh, ww)
         return torch.cat([h, stat], 1)
