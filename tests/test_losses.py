@@ -10,7 +10,7 @@ from torch import nn
 
 from bicogan_dist.config import ConfigError, from_dict
 from bicogan_dist.models.losses import (LossConfig, clip_weights_, d_loss, efl_loss, efl_weight, ge_loss,
-                                        gradient_penalty)
+                                        gradient_penalty, latent_cycle_loss)
 from bicogan_dist.models.networks import ModelConfig, build_models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -214,6 +214,7 @@ def test_clip_weights_bounds_every_parameter():
     ({"clip_value": 0.0}, "loss.clip_value"),
     ({"efl_alpha": float("inf")}, "loss.efl_alpha"),
     ({"efl_phi": -2.0}, "loss.efl_phi"),
+    ({"latent_weight": -0.5}, "loss.latent_weight"),
 ])
 def test_loss_config_rejects_bad_values_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -224,6 +225,15 @@ def test_loss_config_defaults_and_from_dict():
     cfg = LossConfig()
     assert (cfg.loss, cfg.gp_weight, cfg.clip_value, cfg.efl_alpha, cfg.efl_rho, cfg.efl_phi) == \
         ("bce", 10.0, 0.01, 5.0, 0.25, 10.0)
+    assert cfg.latent_weight == 1.0
+
+
+def test_latent_cycle_loss_is_mse_per_dimension():
+    z = torch.randn(8, 16)
+    assert latent_cycle_loss(z.clone(), z) == 0
+    torch.testing.assert_close(latent_cycle_loss(z + 2.0, z), torch.tensor(4.0))
+    half = latent_cycle_loss(z.to(torch.bfloat16), z)
+    assert half.dtype == torch.float32 and half < 1e-3
     assert from_dict(LossConfig, {"loss": "hinge", "efl_rho": "0.5"}).efl_rho == 0.5
     with pytest.raises(ConfigError):
         from_dict(LossConfig, {"loss": "lsgan"})

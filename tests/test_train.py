@@ -103,8 +103,8 @@ def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
     assert state["step"] == 6 and state["world_size"] == 2
 
     scalars, images = scalars_and_images(run_dir)
-    expected = {"loss/d", "loss/ge", "loss/ge_adversarial", "loss/efl", "efl/gamma", "D/real_score", "D/fake_score",
-                "encoder/batch_accuracy", "encoder/heldout_accuracy", "grad_norm/d", "grad_norm/ge", "lr/ge", "lr/d",
+    expected = {"loss/d", "loss/ge", "loss/ge_adversarial", "loss/efl", "loss/latent_cycle", "efl/gamma",
+                "D/real_score", "D/fake_score", "encoder/batch_accuracy", "encoder/heldout_accuracy", "grad_norm/d", "grad_norm/ge", "lr/ge", "lr/d",
                 "perf/images_per_s", "epoch"}
     assert expected <= scalars.keys(), expected - scalars.keys()
     assert all(len(v) == 3 for k, v in scalars.items() if k in expected)  # steps 2, 4, 6
@@ -138,7 +138,10 @@ def test_resume_equals_straight_run(shards, tmp_path):
 
 def test_new_run_refuses_to_mix_into_an_old_one(shards, tmp_path):
     run_dir = tmp_path / "run"
-    assert run(train_cmd(run_dir, shards, "train.max_steps=2")).returncode == 0
+    first = run(train_cmd(run_dir, shards, "train.max_steps=2", "loss.latent_weight=0"))  # the paper's objective
+    assert first.returncode == 0, first.stderr[-3000:]
+    scalars, _ = scalars_and_images(run_dir)
+    assert "loss/efl" in scalars and "loss/latent_cycle" not in scalars
     proc = run(train_cmd(run_dir, shards, "train.max_steps=4"))
     assert proc.returncode == 2
     assert "already holds checkpoints" in proc.stderr and "--resume latest" in proc.stderr
