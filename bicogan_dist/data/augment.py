@@ -45,7 +45,6 @@ at a time reproduces imgaug's chain (mean < 0.25).
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal

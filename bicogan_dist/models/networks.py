@@ -37,8 +37,8 @@ E is a 4x4 stride-2 conv stack (48→24→12→6, C→2C→4C) with GroupNorm (n
 statistics, nothing to synchronise under DDP) and LeakyReLU(0.2), with Linear heads for
 z_hat and the emotion logits. D is a BiGAN-style joint discriminator: the same conv stack
 on x (spectral norm, LeakyReLU, no BatchNorm unless ``d_batchnorm``) plus a
-minibatch-stddev channel (``mbstd_group``) → Linear to 8C features, a two-layer MLP on z, a Linear embedding of c, and a joint MLP on the
-concatenation → 1 score; spectral norm (``spectral_norm``) wraps every D layer. Weights
+minibatch-stddev channel (``mbstd_group``) → Linear to 8C features, a two-layer MLP on z,
+a Linear embedding of c, and a joint MLP on the concatenation → 1 score; spectral norm (``spectral_norm``) wraps every D layer. Weights
 start at DCGAN's normal(0, 0.02). Cost is quadratic in width: use width 0.25-0.5 on CPU.
 Parameter counts (6 classes, z_dim 100, bicogan): width 1 — G 2,501,081, E 1,634,218,
 D 7,286,721; width 0.5 — G 1,087,001, E 653,322, D 1,841,121; width 0.25 — G 502,841,
@@ -90,7 +90,7 @@ class ModelConfig:
     width: float = 1.0  # channel multiplier of ``ours``; must stay 1.0 for ``paper`` (fixed widths)
     spectral_norm: bool = True  # spectral norm on every D layer (``ours``; ignored by ``paper``)
     d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, DESIGN.md §6
-    mbstd_group: int = 4  # D's minibatch-stddev group (``ours``; 0 = off): D sees a lack of variety in G'
+    mbstd_group: int = 4  # D's minibatch-stddev group (``ours``; 0 = off): lets D see a lack of variety
     channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
 
     def __post_init__(self) -> None:

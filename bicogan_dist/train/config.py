@@ -6,7 +6,6 @@ Validation happens once, here, at start: an unknown key or a bad value raises
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
