@@ -331,8 +331,9 @@ def _resample(x: torch.Tensor, run: list[tuple[str, torch.Tensor]]) -> torch.Ten
         if not bool(moved.any()):
             return x
         idx = moved.nonzero().squeeze(1)
+        on_device = idx.to(x.device)
         out = x.clone()
-        out[idx.to(x.device)] = _resample(x[idx.to(x.device)], [(kind, m[idx]) for kind, m in run])
+        out[on_device] = _resample(x[on_device], [(kind, m[idx]) for kind, m in run])
         return out
     b, _, h, w = x.shape
     grid = _normalised_grid(forward, x)  # the common path samples these directly
