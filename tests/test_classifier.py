@@ -1,6 +1,7 @@
 """The FER classifier: shapes, augmentation, training on the synthetic set, export round trip."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -84,6 +85,8 @@ def test_export_round_trip_is_exact(trained, tmp_path):
     assert torch.equal(back.logits(hx[:50]), clf.logits(hx[:50]))
     assert torch.equal(back.features(hx[:50]), clf.features(hx[:50]))
     assert back.features(hx[:5]).shape == (5, 32) and back.path == tmp_path / "clf"
+    weights = (tmp_path / "clf" / "classifier.safetensors").read_bytes()
+    assert back.weights_sha256 == hashlib.sha256(weights).hexdigest() and clf.weights_sha256 is None
 
 
 def test_load_rejects_a_folder_that_is_not_a_classifier(tmp_path):

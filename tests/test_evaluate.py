@@ -157,12 +157,14 @@ def test_ablation_verdict_rule_and_table():
                                           "gamma_contrast", "affine_scale"]
     rows = [{"name": s.name, "setting": s.name, "paper": s.paper, "paper_verdict": s.paper_verdict,
              "conditional_accuracy": 0.5, "fid_training": 10.0 + i, "encoder_accuracy": 0.4,
-             "fid_change": i / 10, "measured_verdict": "same", "agrees_with_paper": None if i == 0 else True}
+             "fid_change": i / 10, "measured_verdict": "same", "agrees_with_paper": None if i == 0 else True,
+             "seconds": 30.0}
             for i, s in enumerate(SETTINGS)]
     md = ablation_markdown({"steps": 2, "overrides": [], "rule": "r = ...", "feature_space": "FS",
                             "split": "PrivateTest", "num_samples_per_class": 5, "seed": 0, "seconds": 1.0,
                             "rows": rows})
     assert "Affine(rotate=(-50, 30))" in md and "| crop |" in md and "FS" in md
+    assert "these settings: 210 s; this call: 1 s" in md
 
 
 def env() -> dict[str, str]:
@@ -216,6 +218,24 @@ def test_ablation_runs_all_seven_settings(built, tmp_path):
     tiny = ["model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout_size=32"]
     proc = run([*again, "--steps", "2", *tiny])
     assert "reusing" in proc.stdout and "| crop |" in proc.stdout
+    # Another classifier is another feature space: the trained export is scored again, not reused or retrained.
+    from bicogan_dist.data.manifest import sha256_file
+    from bicogan_dist.evaluate.classifier import main as clf_main
+
+    other = tmp_path / "clf_seed1"
+    assert clf_main(["--shards", str(built["shards"]), "--out", str(other), *TINY_CLF, "--seed", "1"]) == 0
+    crop = out / "crop"
+    trained = (crop / "train.log").read_text(), sorted(p.name for p in (crop / "run" / "checkpoints").iterdir())
+    first = json.loads((crop / "report.json").read_text())
+    proc = run([*again, "--steps", "2", *tiny, "--classifier", str(other)])
+    assert "re-evaluating" in proc.stdout and "] training " not in proc.stdout
+    second = json.loads((crop / "report.json").read_text())
+    assert first["classifier"]["weights_sha256"] == sha256_file(built["clf"] / "classifier.safetensors")
+    assert second["classifier"]["weights_sha256"] == sha256_file(other / "classifier.safetensors")
+    assert second["fid"]["generated_vs_Training"] != first["fid"]["generated_vs_Training"]
+    assert second["ablation"]["seconds"] == first["ablation"]["seconds"] and "reevaluation_seconds" in second["ablation"]
+    assert ((crop / "train.log").read_text(), sorted(p.name for p in (crop / "run" / "checkpoints").iterdir())) \
+        == trained
     # ... but never results made with another budget.
     proc = subprocess.run([*again, "--steps", "3", *tiny], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=600)

@@ -21,8 +21,9 @@ the tolerance at least that large.
 
 Each setting lives in ``OUT/<name>/`` (``run/`` the training run, ``export/``, ``report.json``
 + ``.md`` + confusion PNG, ``train.log``). A setting whose report exists is reused, so an
-interrupted ablation continues where it stopped (only with the same steps and overrides);
-``--rerun`` starts afresh. ``ablation.md``/``.json`` cover the settings of the latest call.
+interrupted ablation continues where it stopped (only with the same steps and overrides); a
+report scored by another classifier (weights sha256) is re-evaluated from its export without
+training again; ``--rerun`` starts afresh. ``ablation.md``/``.json`` cover the settings of the latest call.
 """
 from __future__ import annotations
 
@@ -154,19 +155,28 @@ def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out
             extra.append(f"train.seed={seed + int(name.rsplit('repeat', 1)[1]) - 1}")
         elif seed:
             extra.append(f"train.seed={seed}")
-        if report_json.is_file():
-            report = json.loads(report_json.read_text())
+        report = json.loads(report_json.read_text()) if report_json.is_file() else None
+        if report is not None:
             before = report.get("ablation", {})
             if before.get("steps") != steps or before.get("overrides") != extra:
                 raise AblationError(f"{report_json} was made with steps={before.get('steps')} and overrides "
                                     f"{before.get('overrides')}, not steps={steps} and {extra}; pass --rerun to "
                                     f"replace it or choose another --out")
-            log(f"[{name}] reusing {report_json}")
-        else:
-            t0 = time.perf_counter()
+        t0, trained_seconds = time.perf_counter(), None
+        if report is None:
             log(f"[{name}] training {steps} steps ({setting.config}.yaml)")
             train_setting(setting, folder / "run", shards, steps, extra, configs, launch, folder / "train.log")
             export_checkpoint(folder / "run", folder / "export", force=True)
+        elif report.get("classifier", {}).get("weights_sha256") != clf.weights_sha256:
+            # Same training, another measuring stick: FIDs in two feature spaces must not share a table.
+            if not (folder / "export").is_dir():
+                raise AblationError(f"{report_json} was scored with another classifier and {folder / 'export'} "
+                                    f"is gone; pass --rerun to train this setting again")
+            log(f"[{name}] re-evaluating the trained export with classifier {classifier_dir}")
+            trained_seconds, report = report["ablation"].get("seconds"), None
+        else:
+            log(f"[{name}] reusing {report_json}")
+        if report is None:
             if real is None:
                 real = RealData.load(shards, split, clf)
             exported = load_export(folder / "export", device_t)
@@ -174,6 +184,8 @@ def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out
                                      seed=seed, real=real)
             report["ablation"] = {"setting": setting.name, "steps": steps, "overrides": extra,
                                   "seconds": round(time.perf_counter() - t0, 1)}
+            if trained_seconds is not None:  # keep the training's cost; this call only re-scored it
+                report["ablation"].update(seconds=trained_seconds, reevaluation_seconds=report["ablation"]["seconds"])
             write_report(report, report_json)
             log(f"[{name}] done in {time.perf_counter() - t0:.0f} s: FID vs Training "
                 f"{report['fid']['generated_vs_Training']:.2f}")
@@ -184,7 +196,7 @@ def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out
                      "fid_training": report["fid"]["generated_vs_Training"],
                      "kid_training": report["kid"]["generated_vs_Training"]["mean"],
                      "encoder_accuracy": enc["overall"] if enc else None,
-                     "report": str(report_json)})
+                     "seconds": report["ablation"].get("seconds"), "report": str(report_json)})
     baseline = next(r for r in rows if r["name"] == "none")
     repeats = [r for r in rows if r["setting"] == "none"]
     for r in rows:
@@ -236,7 +248,9 @@ def ablation_markdown(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([r["name"], r["paper"], r["paper_verdict"], _pct(r["conditional_accuracy"]),
                                          f"{r['fid_training']:.2f}", change, _pct(r["encoder_accuracy"]),
                                          r["measured_verdict"], agrees]) + " |")
-    lines += ["", f"Total time {result['seconds']:.0f} s. Per-setting reports: `<out>/<setting>/report.md`.", ""]
+    spent = sum(r.get("seconds") or 0 for r in result["rows"])
+    lines += ["", f"Training and first evaluation of these settings: {spent:.0f} s; this call: {result['seconds']:.0f} s. "
+                  f"Per-setting reports: `<out>/<setting>/report.md`.", ""]
     return "\n".join(lines)
 
 

@@ -266,6 +266,7 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
                    "step": (exported.metadata.get("source") or {}).get("step") if exported.metadata else None},
         "feature_space": classifier.feature_space,
         "classifier": {"path": str(classifier.path) if classifier.path else None,
+                       "weights_sha256": classifier.weights_sha256,
                        "feature_dim": classifier.feature_dim,
                        "accuracy_on_real": {real.split: float((classifier.predict(real.test_x).cpu() == real.test_y)
                                                               .float().mean())},

@@ -58,8 +58,11 @@ def markdown_summary(report: dict[str, Any]) -> str:
              f"**Feature space of FID/KID:** {report['feature_space']}.", ""]
     clf = report["classifier"]
     acc_real = clf.get("accuracy_on_real") or {}
+    sha = clf.get("weights_sha256")
     lines += [f"The classifier (measuring stick) scores {_fmt(acc_real.get(split), True)} on real {split} faces: "
-              f"the ceiling to read conditional accuracy against.", ""]
+              f"the ceiling to read conditional accuracy against. Classifier `{clf.get('path')}`"
+              + (f", weights sha256 `{sha[:12]}`" if sha else "")
+              + ": FIDs from other classifiers are in other feature spaces.", ""]
 
     lines += ["## Summary", ""]
     ca, enc, rec, tr = (report.get(k) for k in ("conditional_accuracy", "encoder_accuracy", "reconstruction",
