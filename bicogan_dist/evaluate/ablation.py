@@ -23,7 +23,8 @@ Each setting lives in ``OUT/<name>/`` (``run/`` the training run, ``export/``, `
 + ``.md`` + confusion PNG, ``train.log``). A setting whose report exists is reused, so an
 interrupted ablation continues where it stopped (only with the same steps and overrides); a
 report scored by another classifier (weights sha256) is re-evaluated from its export without
-training again; ``--rerun`` starts afresh. ``ablation.md``/``.json`` cover the settings of the latest call.
+training again; ``--rerun`` starts afresh. ``ablation.md``/``.json`` cover the settings of the
+latest call.
 """
 from __future__ import annotations
 
@@ -249,8 +250,8 @@ def ablation_markdown(result: dict[str, Any]) -> str:
                                          f"{r['fid_training']:.2f}", change, _pct(r["encoder_accuracy"]),
                                          r["measured_verdict"], agrees]) + " |")
     spent = sum(r.get("seconds") or 0 for r in result["rows"])
-    lines += ["", f"Training and first evaluation of these settings: {spent:.0f} s; this call: {result['seconds']:.0f} s. "
-                  f"Per-setting reports: `<out>/<setting>/report.md`.", ""]
+    lines += ["", f"Training and first evaluation of these settings: {spent:.0f} s; "
+                  f"this call: {result['seconds']:.0f} s. Per-setting reports: `<out>/<setting>/report.md`.", ""]
     return "\n".join(lines)
 
 
