@@ -174,7 +174,7 @@ def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out
                 raise AblationError(f"{report_json} was scored with another classifier and {folder / 'export'} "
                                     f"is gone; pass --rerun to train this setting again")
             log(f"[{name}] re-evaluating the trained export with classifier {classifier_dir}")
-            trained_seconds, report = report["ablation"].get("seconds"), None
+            trained_seconds, report = before.get("seconds"), None
         else:
             log(f"[{name}] reusing {report_json}")
         if report is None:

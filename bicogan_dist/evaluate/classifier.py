@@ -72,7 +72,7 @@ class ClassifierConfig:
 class ClassifierTrainConfig:
     """Optimisation. The defaults (with ClassifierConfig's) reached 69.3% six-class accuracy on
     PrivateTest of the real FER2013 (68.7% PublicTest, flip TTA; 68.6% / 67.9% without) on a
-    2-core CPU: about 60 s per epoch when the machine was otherwise idle. 12 epochs gave 66.5%:
+    2-core CPU: 40-65 s per epoch when the machine was otherwise idle. 12 epochs gave 66.5%:
     the model still underfits (train accuracy 74%), so more epochs and width should help where
     compute allows (published single networks reach 73-74% on seven classes)."""
 
