@@ -226,6 +226,9 @@ def test_loss_config_defaults_and_from_dict():
     assert (cfg.loss, cfg.gp_weight, cfg.clip_value, cfg.efl_alpha, cfg.efl_rho, cfg.efl_phi) == \
         ("bce", 10.0, 0.01, 5.0, 0.25, 10.0)
     assert cfg.latent_weight == 1.0
+    assert from_dict(LossConfig, {"loss": "hinge", "efl_rho": "0.5"}).efl_rho == 0.5
+    with pytest.raises(ConfigError):
+        from_dict(LossConfig, {"loss": "lsgan"})
 
 
 def test_latent_cycle_loss_is_mse_per_dimension():
@@ -234,6 +237,3 @@ def test_latent_cycle_loss_is_mse_per_dimension():
     torch.testing.assert_close(latent_cycle_loss(z + 2.0, z), torch.tensor(4.0))
     half = latent_cycle_loss(z.to(torch.bfloat16), z)
     assert half.dtype == torch.float32 and half < 1e-3
-    assert from_dict(LossConfig, {"loss": "hinge", "efl_rho": "0.5"}).efl_rho == 0.5
-    with pytest.raises(ConfigError):
-        from_dict(LossConfig, {"loss": "lsgan"})

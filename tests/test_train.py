@@ -104,8 +104,8 @@ def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
 
     scalars, images = scalars_and_images(run_dir)
     expected = {"loss/d", "loss/ge", "loss/ge_adversarial", "loss/efl", "loss/latent_cycle", "efl/gamma",
-                "D/real_score", "D/fake_score", "encoder/batch_accuracy", "encoder/heldout_accuracy", "grad_norm/d", "grad_norm/ge", "lr/ge", "lr/d",
-                "perf/images_per_s", "epoch"}
+                "D/real_score", "D/fake_score", "encoder/batch_accuracy", "encoder/heldout_accuracy", "grad_norm/d",
+                "grad_norm/ge", "lr/ge", "lr/d", "perf/images_per_s", "epoch"}
     assert expected <= scalars.keys(), expected - scalars.keys()
     assert all(len(v) == 3 for k, v in scalars.items() if k in expected)  # steps 2, 4, 6
     assert all(torch.isfinite(torch.tensor(v)).all() for v in scalars.values())

@@ -39,7 +39,8 @@ z_hat and the emotion logits. D is a BiGAN-style joint discriminator: the same c
 on x (spectral norm, LeakyReLU, no BatchNorm unless ``d_batchnorm``) plus a
 minibatch-stddev channel (``mbstd_group``) → Linear to 8C features, a two-layer MLP on z,
 a Linear embedding of c, and a joint MLP on the concatenation → 1 score; spectral norm
-(``spectral_norm``) wraps every D layer. Weights start at DCGAN's normal(0, 0.02). Cost is quadratic in width: use width 0.25-0.5 on CPU.
+(``spectral_norm``) wraps every D layer. Weights start at DCGAN's normal(0, 0.02). Cost is
+quadratic in width: use width 0.25-0.5 on CPU.
 Parameter counts (6 classes, z_dim 100, bicogan): width 1 — G 2,501,081, E 1,634,218,
 D 7,286,721; width 0.5 — G 1,087,001, E 653,322, D 1,841,121; width 0.25 — G 502,841,
 E 285,754, D 470,001.
