@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from bicogan_dist.atomic_dir import replace_dir, temp_sibling
@@ -82,56 +81,11 @@ def find_checkpoint(source: str | Path) -> Path:
     return found
 
 
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes, whichever engine saved the keys."""
-    out = {}
-    for key, value in state.items():
-        key = key.replace("_orig_mod.", "")
-        if key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = value
-    return out
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ExportError(f"{path} is missing")
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ExportError(f"{path}: not a readable safetensors file ({exc})") from exc
-
-
-def checkpoint_weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of one checkpoint, whatever engine wrote it: ``{"ge", "d", "ema"}`` → state dicts on CPU.
-
-    ``ge`` has keys ``G.*`` and ``E.*`` (the trainer's GeneratorEncoder), ``d`` is D and
-    ``ema`` the EMA of G with G's own keys. The engine named in state.json decides how
-    ``ge`` and ``d`` are read; the EMA is always the trainer's own ``ema.safetensors``.
-    """
-    folder = Path(folder)
-    state = ckpt.read_state(folder)
-    engine = state.get("engine", "ddp")
-    if engine == "ddp":
-        weights = {unit: _read_safetensors(folder / f"{unit}.safetensors") for unit in ("ge", "d")}
-    elif engine == "deepspeed":
-        try:  # DeepSpeed is optional: imported only for checkpoints that need it
-            from bicogan_dist.train.engine_deepspeed import consolidated_weights
-
-            consolidated = consolidated_weights(folder)
-        except ImportError as exc:
-            raise ExportError(f"{folder} was written by the DeepSpeed engine; reading it needs "
-                              f"bicogan_dist.train.engine_deepspeed.consolidated_weights and DeepSpeed, which "
-                              f"cannot be imported here ({exc}); install the deepspeed extra "
-                              f"(pip install -e .[deepspeed])") from exc
-        weights = {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in consolidated.items()}
-        missing = {"ge", "d"} - set(weights)
-        if missing:
-            raise ExportError(f"{folder}: the DeepSpeed checkpoint yielded no {sorted(missing)} weights")
-    else:
-        raise ExportError(f"{folder / ckpt.STATE_FILE}: unknown engine {engine!r} (expected 'ddp' or 'deepspeed')")
-    weights["ema"] = _read_safetensors(folder / "ema.safetensors")
-    return {unit: _strip_wrappers(sd) for unit, sd in weights.items()}
+        return ckpt.read_tensors(path)
+    except ckpt.CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -139,16 +93,11 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load with a message that names the file and the first mismatching keys."""
-    result = module.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {result.missing_keys[:4]}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {result.unexpected_keys[:4]}")
-    if problems:
-        raise ExportError(f"{where}: weights do not match the model described in its config "
-                          f"({'; '.join(problems)})")
+    """Strict load whose failure names the file and the first mismatching keys or shapes."""
+    try:
+        ckpt.load_module(module, state, where)
+    except ckpt.CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def _model_config(data: Any, where: str):
@@ -156,6 +105,8 @@ def _model_config(data: Any, where: str):
 
     if not isinstance(data, dict):
         raise ExportError(f"{where}: no 'model' section (the ModelConfig of the run)")
+    # Sections written before conditioning was an option describe networks that concatenated the emotion.
+    data = {"g_conditioning": "concat", "d_conditioning": "concat", **data}
     try:
         return from_dict(ModelConfig, data)
     except ConfigError as exc:
@@ -339,11 +290,11 @@ def export_checkpoint(source: str | Path, out: str | Path, onnx: bool = False, f
     if not isinstance(class_names, list) or not class_names:
         raise ExportError(f"{state_path}: no 'label_names' (the class names the model was trained with)")
     num_classes = len(class_names)
-    weights = checkpoint_weights(folder)
+    weights = ckpt.weights(folder)
 
     models = build_models(cfg, num_classes)
     G = models.G
-    _load_into(G, weights["ema"], str(folder / "ema.safetensors"))
+    _load_into(G, weights["ema"], str(folder / ckpt.EMA_FILE))
     G.eval().requires_grad_(False)
     E = None
     if cfg.bidirectional:

@@ -2,7 +2,7 @@
 
 imgaug 0.4.0 (the paper's library, unmaintained since 2020) reads ``np.sctypes``,
 ``np.bool`` and ``np.complex``, which numpy 2 removed. Restoring those three aliases
-before the import makes every augmenter we use work (DESIGN.md §5). Always import
+before the import makes every augmenter we use work (docs/architecture.md §3). Always import
 imgaug through this module: ``from bicogan_dist.imgaug_compat import iaa``.
 """
 from __future__ import annotations

@@ -225,7 +225,7 @@ def test_zero_two_processes_stay_in_sync_and_export_reproduces_g(shards, tmp_pat
     consolidated_matches_live_model(result, shards, overrides)
 
     # The export path reads this checkpoint like a DDP one.
-    from bicogan_dist.export import checkpoint_weights
+    from bicogan_dist.train.checkpoint import weights as checkpoint_weights
 
     exported = checkpoint_weights(ckpt)
     for key, value in exported["ge"].items():

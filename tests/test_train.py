@@ -231,3 +231,4 @@ def test_every_experiment_config_validates(path):
     assert cfg.name == path.stem
     if path.stem == "bicogan_paper":
         assert (cfg.model.arch, cfg.loss.latent_weight, cfg.data.batch_size) == ("paper", 0.0, 128)
+        assert (cfg.loss.loss, cfg.loss.real_emotion, cfg.loss.diffaugment) == ("bce", "encoder", [])

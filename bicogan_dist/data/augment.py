@@ -1,6 +1,6 @@
 """The seed paper's augmentations, on two interchangeable backends.
 
-The paper compared six imgaug augmentations (DESIGN.md §2). ``PRESET_TABLE`` writes
+The paper compared six imgaug augmentations (docs/architecture.md §1). ``PRESET_TABLE`` writes
 each down once — name, what it does, its parameter range — and both backends are
 built from it:
 
@@ -89,7 +89,7 @@ class OpPreset:
         return self.low == self.high
 
 
-#: The paper's augmentations, written once (DESIGN.md §2, best first).
+#: The paper's augmentations, written once (docs/architecture.md §1, best first).
 PRESET_TABLE: dict[str, OpPreset] = {p.name: p for p in (
     OpPreset("affine_rotate", "rotate", -50.0, 30.0, "iaa.Affine(rotate=(-50, 30))"),
     OpPreset("fliplr", "fliplr", 1.0, 1.0, "iaa.Fliplr(1)"),

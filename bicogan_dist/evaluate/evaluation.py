@@ -4,6 +4,10 @@ Measures (each null where the model kind cannot have it):
 
 - conditional accuracy — the FER classifier's accuracy on G(z, c), N per emotion, with the
   confusion matrix (row: the emotion asked for, column: the emotion the classifier sees);
+- class fidelity on the same N per emotion: intra-class diversity (mean pairwise feature
+  distance of generated faces of emotion k over that of real Training faces of k) and
+  per-emotion FID (generated k vs real Training k), each beside its real reference
+  (held-out k vs Training k);
 - FID / KID in the classifier's penultimate feature space: generated vs real Training and
   vs the held-out split, beside the real-vs-real reference (Training vs held-out split)
   that gives the numbers a scale. Generated classes for FID/KID follow Training's class
@@ -27,7 +31,8 @@ import torch
 from torch import nn
 
 from bicogan_dist.evaluate.classifier import LoadedClassifier, load_classifier
-from bicogan_dist.evaluate.metrics import accuracy_from_confusion, confusion_matrix, fid, kid
+from bicogan_dist.evaluate.metrics import (accuracy_from_confusion, confusion_matrix, fid, kid,
+                                           mean_pairwise_distance)
 from bicogan_dist.imaging import to_model_range, to_uint8
 
 REPORT_FORMAT = "bicogan_dist.evaluation"
@@ -60,6 +65,11 @@ def proportional_counts(class_counts: list[int], total: int) -> list[int]:
     for i in np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]:
         out[i] += 1
     return [int(v) for v in out]
+
+
+def _pixels(images_u8: torch.Tensor) -> torch.Tensor:
+    """Images as (N, H*W) grey levels, for distances in pixel space."""
+    return images_u8.flatten(1).float()
 
 
 class _Modes:
@@ -154,9 +164,49 @@ class Evaluator:
 
     # -- measures
     def conditional_accuracy(self, G: nn.Module, z_dim: int) -> dict[str, Any]:
+        """Accuracy on N faces per emotion, and on the same faces diversity and FID per emotion."""
         labels = torch.arange(self.n_cls).repeat_interleave(self.num_samples)
         images = self.generate(G, labels, labels.shape[0], z_dim, self.seed)
-        return {**self._classified(images, labels), "samples_per_class": self.num_samples}
+        out = {**self._classified(images, labels), "samples_per_class": self.num_samples}
+        out.update(self._per_class_fidelity(images, self.clf.features(images).cpu(), labels))
+        return out
+
+    def _real_per_class(self) -> dict[str, Any]:
+        """Per-emotion reference numbers of the real data (independent of G: computed once)."""
+        if "per_class" not in self.real.cache:
+            r, n = self.real, self.num_samples
+            ref = {"train": [], "train_spread": [], "train_pixel_spread": [], "diversity": [], "fid": []}
+            for k in range(self.n_cls):
+                tr, te = r.train_features[r.train_y == k], r.test_features[r.test_y == k]
+                pick = torch.randperm(tr.shape[0], generator=torch.Generator().manual_seed(self.seed))[:n]
+                ref["train"].append(tr)
+                ref["train_spread"].append(mean_pairwise_distance(tr[pick]))
+                ref["train_pixel_spread"].append(mean_pairwise_distance(_pixels(r.train_x[r.train_y == k][pick])))
+                ref["diversity"].append(mean_pairwise_distance(te) / ref["train_spread"][-1])
+                ref["fid"].append(fid(te, tr))
+            r.cache["per_class"] = ref
+        return self.real.cache["per_class"]
+
+    def _per_class_fidelity(self, images: torch.Tensor, gen_f: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        ref, names = self._real_per_class(), self.real.class_names
+        div, pix, fids = [], [], []
+        for k in range(self.n_cls):
+            g = gen_f[labels == k]
+            div.append(mean_pairwise_distance(g) / ref["train_spread"][k])
+            pix.append(mean_pairwise_distance(_pixels(images[labels == k])) / ref["train_pixel_spread"][k])
+            fids.append(fid(g, ref["train"][k]))
+        return {
+            "intra_class_diversity": {"mean": float(np.mean(div)), "per_class": dict(zip(names, div)),
+                                      f"real_{self.real.split}_mean": float(np.mean(ref["diversity"])),
+                                      "pixels_mean": float(np.mean(pix)), "pixels_per_class": dict(zip(names, pix)),
+                                      "definition": "mean pairwise classifier-feature distance of generated faces "
+                                                    "of one emotion / the same of real Training faces of it; "
+                                                    "pixels_*: the same ratio on grey levels"},
+            "per_class_fid": {"mean": float(np.mean(fids)), "per_class": dict(zip(names, fids)),
+                              f"real_{self.real.split}_mean": float(np.mean(ref["fid"])),
+                              f"real_{self.real.split}": dict(zip(names, ref["fid"])),
+                              "definition": "FID of generated emotion k vs real Training emotion k"},
+        }
 
     def fid_kid(self, G: nn.Module, z_dim: int, conditional: bool) -> dict[str, Any]:
         total = self.num_samples * self.n_cls

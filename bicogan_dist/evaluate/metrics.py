@@ -8,6 +8,9 @@
   averaged over random subsets (mean ± std); kernel entries in float32, sums in float64.
   Unbiased means the estimate for two samples of one distribution is centred on 0 and
   can be negative.
+- Intra-class diversity: the mean pairwise Euclidean distance within a feature set, and its
+  ratio between generated and real faces of one class (1.0 = as varied as real; a G that
+  ignores z draws one face per class and scores 0).
 - Confusion matrices and per-class accuracy for the classifier-based measures.
 
 The linear algebra runs in torch on the CPU, not numpy: torch honours
@@ -102,6 +105,16 @@ def kid(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.nda
                                    bt[torch.from_numpy(rng.choice(b.shape[0], size, replace=False))])
                      for _ in range(subsets)])
     return float(vals.mean()), float(vals.std())
+
+
+def mean_pairwise_distance(features: torch.Tensor | np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs i < j of (N, D) features (0 for identical rows)."""
+    f = torch.from_numpy(_as_f64(features))
+    n = f.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 feature vectors for pairwise distances, got {n}")
+    d = torch.cdist(f, f)
+    return float(d.sum() / (n * (n - 1)))
 
 
 def confusion_matrix(y_true: torch.Tensor | np.ndarray, y_pred: torch.Tensor | np.ndarray,

@@ -23,7 +23,7 @@ D loss; WGAN clips D's parameters to ``[-clip_value, clip_value]`` after each D 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
@@ -31,15 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from bicogan_dist.config import ConfigError
+from bicogan_dist.models.diffaugment import DIFF_AUGMENTS
 
 LOSSES: tuple[str, ...] = ("bce", "hinge", "wgan", "wgan_gp")
+REAL_EMOTIONS: tuple[str, ...] = ("label", "encoder")
 
 
 @dataclass
 class LossConfig:
     """Adversarial loss choice, WGAN settings and the EFL weight schedule."""
 
-    loss: Literal["bce", "hinge", "wgan", "wgan_gp"] = "bce"  # bce = non-saturating, the paper's
+    loss: Literal["bce", "hinge", "wgan", "wgan_gp"] = "hinge"  # bce = non-saturating, the paper's
     gp_weight: float = 10.0  # WGAN-GP penalty weight
     clip_value: float = 0.01  # WGAN weight clipping bound
     efl_alpha: float = 5.0  # EFL weight gamma = min(alpha * exp(rho * t), phi), t in epochs
@@ -49,16 +51,31 @@ class LossConfig:
     # on fake images. Without it (and D's minibatch stddev) a 20-minute CPU run on FER2013 ended with G
     # ignoring z and E unable to invert G (cosine of E_z(G(z)) and z 0.004); with both, 0.89.
     latent_weight: float = 1.0
+    # Mode seeking (Mao et al. 2019, MSGAN): mode_seeking_weight * mean|z1 - z2| / mean|G(z1,c) - G(z2,c)|
+    # over pairs of fakes that share c; pushes G to draw visibly different faces for different z. 0 = off.
+    mode_seeking_weight: float = 0.0
+    # The emotion in D's *real* tuples of a BiCoGAN: "label" = one_hot(true emotion), "encoder" =
+    # softmax(E_c(x)) (the BiCoGAN paper's). With "encoder" D can tell real from fake by c alone (soft
+    # vs one-hot) instead of by whether x shows c; E's emotion head then learns from the EFL only.
+    real_emotion: Literal["label", "encoder"] = "label"
+    # Differentiable augmentation of every image D sees, real and fake alike (models.diffaugment).
+    diffaugment: list[str] = field(default_factory=lambda: ["translation", "cutout"])
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"loss.loss: {self.loss!r} is not one of {list(LOSSES)}")
-        for name in ("gp_weight", "clip_value", "efl_alpha", "efl_rho", "efl_phi", "latent_weight"):
+        if self.real_emotion not in REAL_EMOTIONS:
+            raise ConfigError(f"loss.real_emotion: {self.real_emotion!r} is not one of {list(REAL_EMOTIONS)}")
+        if not isinstance(self.diffaugment, (list, tuple)) or any(op not in DIFF_AUGMENTS for op in self.diffaugment):
+            raise ConfigError(f"loss.diffaugment: {self.diffaugment!r} must be a list drawn from {list(DIFF_AUGMENTS)}")
+        self.diffaugment = list(self.diffaugment)
+        for name in ("gp_weight", "clip_value", "efl_alpha", "efl_rho", "efl_phi", "latent_weight",
+                     "mode_seeking_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"loss.{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
-        for name in ("gp_weight", "efl_alpha", "efl_phi", "latent_weight"):
+        for name in ("gp_weight", "efl_alpha", "efl_phi", "latent_weight", "mode_seeking_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_value <= 0:
@@ -140,3 +157,16 @@ def efl_loss(c_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def latent_cycle_loss(z_rec: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean squared error between E_z(G(z, c)) and the z that made the image (per latent dim)."""
     return F.mse_loss(z_rec.float(), z.float())
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's term: mean|z1 - z2| / mean|G(z1) - G(z2)| for the two halves of a batch (pairs share c).
+
+    Lower when different z give more different images: minimising it counters a G that ignores z.
+    """
+    h = fake.shape[0] // 2
+    if h < 1:
+        raise ValueError("mode seeking needs a batch of at least 2")
+    img = (fake[:h].float() - fake[h:2 * h].float()).abs().mean()
+    lat = (z[:h].float() - z[h:2 * h].float()).abs().mean()
+    return lat / (img + eps)

@@ -20,30 +20,34 @@ the trainer, EMA, export and sampling code never branch on the kind:
   D takes the emotion as a probability / one-hot *vector*: one_hot(c) for fake tuples,
   softmax(E's logits) for real tuples in BiCoGAN, one_hot(label) for real ones in cGAN.
   D has no batch statistics by default, so one forward over a concatenated real+fake
-  batch scores each sample independently (DESIGN.md §6).
+  batch scores each sample independently (docs/architecture.md §4).
 
 Two architectures:
 
 ``ours`` (default) — DCGAN adapted to 48x48, with channel multiplier ``width`` (base
-channels ``C = 8 * max(1, round(8 * width))``: 64 at width 1, 16 at 0.25). G
-concatenates z with a learned class embedding (concatenation keeps z and c separable;
-the paper's product lets a near-zero embedding entry erase a z coordinate), a Linear
-layer makes 6x6x4C + BatchNorm + ReLU, two ConvTranspose(4x4, stride 2) + BatchNorm +
-ReLU blocks reach 24x24xC and a last ConvTranspose to 1 channel + tanh gives 48x48.
-Transposed 4x4 stride-2 convolutions (kernel divisible by stride, so no uneven overlap)
-were chosen over nearest-upsample + 3x3 conv because the latter, with its 48x48 conv to
-one channel, made G 4.5x slower on CPU (5.4 s vs 1.2 s forward+backward at batch 128).
+channels ``C = 8 * max(1, round(8 * width))``: 64 at width 1, 16 at 0.25). A Linear layer
+makes 6x6x4C + BatchNorm + ReLU, two ConvTranspose(4x4, stride 2) + BatchNorm + ReLU blocks
+reach 24x24xC and a last ConvTranspose to 1 channel + tanh gives 48x48. How G sees the
+emotion is ``g_conditioning``: ``cbn`` (default) feeds z alone to the Linear layer and
+modulates every BatchNorm with a gain and bias computed from one shared class embedding
+(BigGAN/SNGAN's class-conditional BatchNorm); ``concat`` concatenates z with the class
+embedding at the input only (then one layer can learn to ignore c). Transposed 4x4 stride-2
+convolutions (kernel divisible by stride, so no uneven overlap) were chosen over
+nearest-upsample + 3x3 conv because the latter, with its 48x48 conv to one channel, made G
+4.5x slower on CPU (5.4 s vs 1.2 s forward+backward at batch 128).
 E is a 4x4 stride-2 conv stack (48→24→12→6, C→2C→4C) with GroupNorm (no batch
 statistics, nothing to synchronise under DDP) and LeakyReLU(0.2), with Linear heads for
 z_hat and the emotion logits. D is a BiGAN-style joint discriminator: the same conv stack
 on x (spectral norm, LeakyReLU, no BatchNorm unless ``d_batchnorm``) plus a
-minibatch-stddev channel (``mbstd_group``) → Linear to 8C features, a two-layer MLP on z,
-a Linear embedding of c, and a joint MLP on the concatenation → 1 score; spectral norm
-(``spectral_norm``) wraps every D layer. Weights start at DCGAN's normal(0, 0.02). Cost is
-quadratic in width: use width 0.25-0.5 on CPU.
-Parameter counts (6 classes, z_dim 100, bicogan): width 1 — G 2,501,081, E 1,634,218,
-D 7,286,721; width 0.5 — G 1,087,001, E 653,322, D 1,841,121; width 0.25 — G 502,841,
-E 285,754, D 470,001.
+minibatch-stddev channel (``mbstd_group``) → Linear to 8C features phi(x), a two-layer MLP
+on z and a joint MLP on [phi(x), z features] → score. The emotion enters by
+``d_conditioning``: ``projection`` (default) adds <embed(c), phi(x)> to the score (Miyato &
+Koyama: D must judge x *as* the emotion c), ``concat`` feeds embed(c) into the joint MLP.
+Spectral norm (``spectral_norm``) wraps every D layer. Weights start at DCGAN's
+normal(0, 0.02). Cost is quadratic in width: use width 0.25-0.5 on CPU.
+Parameter counts (6 classes, z_dim 100, bicogan, defaults): width 1 — G 1,668,185,
+E 1,634,218, D 6,762,433; width 0.5 — G 670,553, E 653,322, D 1,710,049; width 0.25 —
+G 294,617, E 285,754, D 437,233.
 
 ``paper`` — the seed paper's published Keras networks, layer for layer (``width``,
 ``spectral_norm`` and ``d_batchnorm`` do not apply; ``describe`` reports the effective
@@ -78,6 +82,8 @@ from bicogan_dist.config import ConfigError
 
 KINDS: tuple[str, ...] = ("gan", "cgan", "bigan", "bicogan")
 ARCHS: tuple[str, ...] = ("ours", "paper")
+G_CONDITIONING: tuple[str, ...] = ("cbn", "concat")
+D_CONDITIONING: tuple[str, ...] = ("projection", "concat")
 IMAGE_SHAPE: tuple[int, int, int] = (1, 48, 48)
 
 
@@ -90,9 +96,15 @@ class ModelConfig:
     z_dim: int = 100
     width: float = 1.0  # channel multiplier of ``ours``; must stay 1.0 for ``paper`` (fixed widths)
     spectral_norm: bool = True  # spectral norm on every D layer (``ours``; ignored by ``paper``)
-    d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, DESIGN.md §6
+    d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, docs/architecture.md §4
     mbstd_group: int = 4  # D's minibatch-stddev group (``ours``; 0 = off): lets D see a lack of variety
     channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
+    # How G sees the emotion (``ours``): "cbn" = class-conditional BatchNorm in every G block from one shared
+    # class embedding (BigGAN/SNGAN); "concat" = an embedding concatenated with z at the input only.
+    g_conditioning: Literal["cbn", "concat"] = "cbn"
+    # How D sees the emotion (``ours``): "projection" = score + <embed(c), x features> (Miyato & Koyama);
+    # "concat" = an embedding of c fed into the joint MLP beside the x (and z) features.
+    d_conditioning: Literal["projection", "concat"] = "projection"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -110,6 +122,9 @@ class ModelConfig:
         for name in ("spectral_norm", "d_batchnorm", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
+        for name, allowed in (("g_conditioning", G_CONDITIONING), ("d_conditioning", D_CONDITIONING)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
         if self.arch == "paper":
             if self.width != 1.0:
                 raise ConfigError(f"model.width: the paper architecture has fixed layer widths; "
@@ -168,38 +183,73 @@ def _init_dcgan(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
 
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine; gain ``1 + W_g e`` and bias ``W_b e`` from the class embedding ``e``.
+
+    BigGAN's form: one class embedding shared by all blocks, a bias-free linear map per
+    layer. With ``e = None`` (unconditional kinds) it is an ordinary affine BatchNorm.
+    """
+
+    def __init__(self, channels: int, embed_dim: int | None) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=embed_dim is None)
+        self.gain = nn.Linear(embed_dim, channels, bias=False) if embed_dim else None
+        self.bias = nn.Linear(embed_dim, channels, bias=False) if embed_dim else None
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        h = self.bn(h)
+        if self.gain is None:
+            return h
+        gain = 1.0 + self.gain(e).to(h.dtype)
+        return h * gain[:, :, None, None] + self.bias(e).to(h.dtype)[:, :, None, None]
+
+
 class OursGenerator(nn.Module):
-    """z (+ class embedding, concatenated) → 6x6x4C → ConvT blocks 12x12x2C, 24x24xC → 48x48 tanh."""
+    """z (+ class embedding) → 6x6x4C → ConvT blocks 12x12x2C, 24x24xC → 48x48 tanh.
+
+    ``g_conditioning="cbn"``: z alone enters the first Linear and the emotion modulates every
+    BatchNorm (the class cannot be ignored by one layer, and z owns the input). ``"concat"``:
+    z and the embedding are concatenated at the input, plain BatchNorm after.
+    """
 
     def __init__(self, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         C, self.kind = cfg.base_channels, cfg.kind
+        self.cbn = cfg.conditional and cfg.g_conditioning == "cbn"
         self.embed = nn.Embedding(num_classes, cfg.z_dim) if cfg.conditional else None
-        in_dim = cfg.z_dim * (2 if cfg.conditional else 1)
+        in_dim = cfg.z_dim * (2 if cfg.conditional and not self.cbn else 1)
+        e_dim = cfg.z_dim if self.cbn else None
         self.c0 = 4 * C
         self.fc = nn.Linear(in_dim, 6 * 6 * self.c0, bias=False)
-        self.bn0 = nn.BatchNorm2d(self.c0)
-        blocks: list[nn.Module] = []
+        self.bn0 = ConditionalBatchNorm2d(self.c0, e_dim)
+        self.ups = nn.ModuleList()
+        self.bns = nn.ModuleList()
         for cin, cout in ((4 * C, 2 * C), (2 * C, C)):  # 6→12→24
-            blocks += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(cout), nn.ReLU(True)]
-        self.blocks = nn.Sequential(*blocks)
+            self.ups.append(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=False))
+            self.bns.append(ConditionalBatchNorm2d(cout, e_dim))
         self.to_img = nn.ConvTranspose2d(C, 1, 4, stride=2, padding=1)  # 24→48
         _init_dcgan(self)
         if self.embed is not None:
             nn.init.normal_(self.embed.weight)  # unit scale like z, so neither half dominates
+        for m in self.modules():
+            if isinstance(m, ConditionalBatchNorm2d) and m.gain is not None:
+                # A small start: every class begins near plain BatchNorm and learns its own modulation.
+                nn.init.normal_(m.gain.weight, 0.0, 0.02)
+                nn.init.normal_(m.bias.weight, 0.0, 0.02)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        h = z
-        if self.embed is not None:
-            h = torch.cat([z, self.embed(_need(c, "c", self.kind, "G"))], 1)
-        h = F.relu(self.bn0(self.fc(h).view(-1, self.c0, 6, 6)))
-        return torch.tanh(self.to_img(self.blocks(h)))
+        e = None if self.embed is None else self.embed(_need(c, "c", self.kind, "G"))
+        h = z if (e is None or self.cbn) else torch.cat([z, e], 1)
+        e = e if self.cbn else None
+        h = F.relu(self.bn0(self.fc(h).view(-1, self.c0, 6, 6), e))
+        for up, bn in zip(self.ups, self.bns):
+            h = F.relu(bn(up(h), e))
+        return torch.tanh(self.to_img(h))
 
 
 def _ours_conv_stack(C: int, norm: str, sn: bool) -> nn.Sequential:
@@ -276,20 +326,27 @@ class OursDiscriminator(nn.Module):
         self.z_net = (nn.Sequential(sn(nn.Linear(cfg.z_dim, H)), lrelu(), sn(nn.Linear(H, H)), lrelu())
                       if cfg.bidirectional else None)
         self.c_net = sn(nn.Linear(num_classes, H, bias=False)) if cfg.conditional else None
-        parts = 1 + int(self.z_net is not None) + int(self.c_net is not None)
+        self.projection = cfg.conditional and cfg.d_conditioning == "projection"
+        parts = 1 + int(self.z_net is not None) + int(self.c_net is not None and not self.projection)
         self.joint = nn.Sequential(sn(nn.Linear(parts * H, 2 * H)), lrelu(), sn(nn.Linear(2 * H, 1)))
         _init_dcgan(self)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
                 c: torch.Tensor | None = None) -> torch.Tensor:
-        feats = [self.x_net(x)]
+        phi = self.x_net(x)
+        feats = [phi]
         if self.z_net is not None:
             feats.append(self.z_net(_need(z, "z", self.kind, "D")))
+        proj = None
         if self.c_net is not None:
             c = _need(c, "c", self.kind, "D")
             _check_c(c, self.num_classes)
-            feats.append(self.c_net(c))
-        return self.joint(torch.cat(feats, 1)).squeeze(1)
+            if self.projection:  # <embed(c), phi(x)>: D must judge x *as* the emotion c
+                proj = (self.c_net(c.to(phi.dtype)) * phi).sum(1)
+            else:
+                feats.append(self.c_net(c))
+        score = self.joint(torch.cat(feats, 1)).squeeze(1)
+        return score if proj is None else score + proj
 
 
 # ----------------------------------------------------------------------------- paper
@@ -465,7 +522,8 @@ def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
         "d_batchnorm": False if paper else cfg.d_batchnorm,
         "image_shape": list(IMAGE_SHAPE),
         "output_range": [-1.0, 1.0],
-        "generator_conditioning": None if not cfg.conditional else ("multiply" if paper else "concat"),
+        "generator_conditioning": None if not cfg.conditional else ("multiply" if paper else cfg.g_conditioning),
+        "discriminator_conditioning": None if not cfg.conditional else ("concat" if paper else cfg.d_conditioning),
         "parameters": models.parameter_counts(),
         "config": dataclasses.asdict(cfg),
     }
@@ -474,5 +532,8 @@ def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
 def config_from_description(desc: dict[str, Any]) -> ModelConfig:
     """Inverse of ``describe(...)["config"]``: the ModelConfig that rebuilds the same networks."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = desc.get("config", desc)
+    cfg = dict(desc.get("config", desc))
+    # Written before conditioning was an option: those networks concatenated the emotion in G and D.
+    cfg.setdefault("g_conditioning", "concat")
+    cfg.setdefault("d_conditioning", "concat")
     return ModelConfig(**{k: v for k, v in cfg.items() if k in names})

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue the run in log.run_dir from its newest checkpoint, or from a checkpoint path")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.max_steps=200 data.shards=data_shards/fer2013")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before or after --resume
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))

@@ -1,4 +1,4 @@
-"""The run folder and its checkpoints: atomic writes, ``latest``, rotation.
+"""The one owner of the checkpoint layout: file names, atomic writes, ``latest``, rotation, save, load, read.
 
 Layout of one run::
 
@@ -6,30 +6,58 @@ Layout of one run::
     runs/<name>/tb/                          TensorBoard events (rank 0)
     runs/<name>/samples/step-XXXXXXXX.png    sample grids
     runs/<name>/checkpoints/checkpoint-XXXXXXXX/
-        ge.safetensors d.safetensors         trained units (or the DeepSpeed engine's folders)
+        ge.safetensors d.safetensors         trained units (DDP engine; DeepSpeed writes ge/ and d/ folders)
         ema.safetensors                      EMA of G
         optim.pt                             optimizer + GradScaler states (tensors only)
         rng-rank<R>.pt                       each rank's torch RNG state
-        state.json                           step, epoch, world size — written last
+        state.json                           step, epoch, world size, engine, model — written last
 
 Every rank writes into ``checkpoint-XXXXXXXX.tmp`` and rank 0 renames it only after all
 ranks are done, so a checkpoint interrupted mid-write is never taken for a good one.
-Nothing here unpickles: tensors come from safetensors or ``torch.load(weights_only=True)``.
+Nothing here unpickles: tensors come from safetensors or ``torch.load(weights_only=True)``,
+and always onto the CPU first: under ``accelerate launch`` on CPU the device prints as
+``cpu:0``, which safetensors and torch's storage restore both refuse; ``load_state_dict``
+then copies into modules wherever they live.
+
+Engines save and load their own units (``engine.save(folder)`` / ``engine.load(folder)``)
+through the helpers here; the trainer, export and the ablation read checkpoints only
+through this module.
 """
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})$")
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
+EMA_FILE = "ema.safetensors"
+OPTIM_FILE = "optim.pt"
+UNITS: tuple[str, ...] = ("ge", "d")
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be resolved, read or trusted; the message names the file."""
+
+
+def unit_file(unit: str) -> str:
+    """The DDP engine's file of one trained unit (``ge`` or ``d``)."""
+    return f"{unit}.safetensors"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -40,8 +68,69 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}"
 
 
+# ----------------------------------------------------------------------------- reading files safely
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a dict of CPU tensors; a missing or unreadable file is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def write_tensors(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+
+
+def read_torch_tensors(path: str | Path, safe_globals: list | None = None) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU, with a message a user can act on.
+
+    A file that holds anything but tensors and plain containers (a pickle that would run
+    code, say) is refused with its name, not with torch's advice to retry unsafely.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        with torch.serialization.safe_globals(safe_globals or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: not a plain tensor file (it holds objects this project never writes); "
+                              f"refusing to load it: do not trust this checkpoint") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch tensor file ({str(exc).splitlines()[0]})") from exc
+
+
+def load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Strict ``load_state_dict`` whose failure names the file and the first mismatching keys or shapes."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = ([f"missing {missing[:4]}"] if missing else []) + ([f"unexpected {unexpected[:4]}"] if unexpected
+                                                                  else []) + shapes[:4]
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match the model of this config ({'; '.join(problems)})")
+    module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+def missing_files(folder: Path) -> list[str]:
+    """Files a complete checkpoint must hold that ``folder`` lacks (empty for a complete one)."""
+    try:
+        state = read_state(folder)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return [STATE_FILE]
+    needed = [EMA_FILE] + ([unit_file(u) for u in UNITS] + [OPTIM_FILE] if state.get("engine", "ddp") == "ddp"
+                           else list(UNITS))
+    return [name for name in needed if not (folder / name).exists()]
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (with state.json), oldest first."""
+    """Checkpoints that have a state.json (committed), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
@@ -49,27 +138,44 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def resolve_checkpoint(resume: str, run_dir: str | Path) -> Path | None:
+def resolve_checkpoint(resume: str, run_dir: str | Path, warn: bool = True) -> Path | None:
     """``latest`` → newest complete checkpoint of the run (None if there is none); else a path.
 
-    A path may name a checkpoint folder or a run folder (then its newest checkpoint).
+    ``latest`` skips, with a warning, committed checkpoints that lack a file (damaged by
+    hand or by a full disk) and takes the previous complete one. A path may name a
+    checkpoint folder (which must be complete) or a run folder (then its newest complete one).
     """
     if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return _newest_complete(run_dir, warn)
     path = Path(resume)
     if (path / STATE_FILE).is_file():
+        missing = missing_files(path)
+        if missing:
+            raise CheckpointError(f"--resume {resume}: the checkpoint is incomplete (missing {', '.join(missing)})")
         return path
-    found = list_checkpoints(path)
+    found = _newest_complete(path, warn)
     if found:
-        return found[-1]
-    raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with checkpoints")
+        return found
+    raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with "
+                          f"complete checkpoints")
+
+
+def _newest_complete(run_dir: str | Path, warn: bool) -> Path | None:
+    for folder in reversed(list_checkpoints(run_dir)):
+        missing = missing_files(folder)
+        if not missing:
+            return folder
+        if warn:
+            print(f"warning: skipping {folder}: incomplete (missing {', '.join(missing)})", file=sys.stderr,
+                  flush=True)
+    return None
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / STATE_FILE).read_text())
+    return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
+# ----------------------------------------------------------------------------- writing checkpoints
 def begin(run_dir: str | Path, step: int, create: bool = False) -> Path:
     """The temporary folder a checkpoint is written into; rank 0 passes ``create`` to make it afresh."""
     tmp = checkpoint_root(run_dir) / (checkpoint_name(step) + ".tmp")
@@ -98,3 +204,158 @@ def remove_incomplete(run_dir: str | Path) -> None:
     if root.is_dir():
         for p in root.glob("checkpoint-*.tmp"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def save(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, state: dict[str, Any], keep: int) -> Path:
+    """Write one whole checkpoint (every rank calls it): engine units, EMA, each rank's RNG, then state.json."""
+    tmp = begin(run_dir, step, create=engine.is_main)
+    engine.barrier()
+    engine.save(tmp)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / rng_file(engine.rank))
+    if engine.is_main:
+        write_tensors(G_ema.state_dict(), tmp / EMA_FILE)
+    engine.barrier()
+    final = tmp.with_name(tmp.name[: -len(".tmp")])
+    if engine.is_main:
+        final = commit(tmp, {"step": step, "world_size": engine.world_size, "engine": engine.name, **state},
+                       keep=keep)
+    engine.barrier()
+    return final
+
+
+def load(folder: Path, engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
+    """Restore engine units, EMA and this rank's RNG from ``folder``; returns the step.
+
+    The model section must equal the checkpoint's (a resumed run is the same experiment)
+    and so must the engine; a different process count resumes with a warning.
+    """
+    folder = Path(folder)
+    state = read_state(folder)
+    if state.get("model") != model_section:
+        from bicogan_dist.config import ConfigError
+
+        raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}); "
+                          f"resume with the run's own config.yaml")
+    if state.get("engine", "ddp") != engine.name:
+        from bicogan_dist.config import ConfigError
+
+        raise ConfigError(f"train.engine: checkpoint {folder} was written by {state.get('engine')}, "
+                          f"this run uses {engine.name}")
+    engine.load(folder)
+    load_module(G_ema, read_tensors(folder / EMA_FILE), folder / EMA_FILE)
+    rng_path = folder / rng_file(engine.rank)
+    if rng_path.is_file() and state.get("world_size") == engine.world_size:
+        rng = read_torch_tensors(rng_path)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif engine.is_main:
+        print(f"warning: resuming a {state.get('world_size')}-process checkpoint on {engine.world_size} processes: "
+              f"the data order differs from a straight run", flush=True)
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- reading weights (export)
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes, whichever engine saved the keys."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("_orig_mod.", "")
+        if key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    return out
+
+
+def weights(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of one checkpoint, whatever engine wrote it: ``{"ge", "d", "ema"}`` → state dicts on CPU.
+
+    ``ge`` has keys ``G.*`` and ``E.*`` (the trainer's GeneratorEncoder), ``d`` is D and
+    ``ema`` the EMA of G with G's own keys. The engine named in state.json decides how
+    ``ge`` and ``d`` are read (DeepSpeed's ZeRO shards are consolidated without a process group).
+    """
+    folder = Path(folder)
+    engine = read_state(folder).get("engine", "ddp")
+    if engine == "ddp":
+        out = {unit: read_tensors(folder / unit_file(unit)) for unit in UNITS}
+    elif engine == "deepspeed":
+        try:  # DeepSpeed is optional: imported only for checkpoints that need it
+            from bicogan_dist.train.engine_deepspeed import consolidated_weights
+
+            consolidated = consolidated_weights(folder)
+        except ImportError as exc:
+            raise CheckpointError(f"{folder} was written by the DeepSpeed engine; reading it needs DeepSpeed, "
+                                  f"which cannot be imported here ({exc}); install the deepspeed extra "
+                                  f"(pip install -e .[deepspeed])") from exc
+        out = {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in consolidated.items()}
+        missing = set(UNITS) - set(out)
+        if missing:
+            raise CheckpointError(f"{folder}: the DeepSpeed checkpoint yielded no {sorted(missing)} weights")
+    else:
+        raise CheckpointError(f"{folder / STATE_FILE}: unknown engine {engine!r} (expected 'ddp' or 'deepspeed')")
+    out["ema"] = read_tensors(folder / EMA_FILE)
+    return {unit: strip_wrappers(sd) for unit, sd in out.items()}
+
+
+# ----------------------------------------------------------------------------- one run per folder
+class RunLock:
+    """Rank 0's claim on a run folder: two runs writing one folder would overwrite each other's checkpoints.
+
+    The lock file holds ``host pid``; a lock whose process is gone (same host) is stale and is
+    taken over. A lock held by a live process, or by another host, stops the second run with a
+    message naming the folder and the owner.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text(errors="replace").strip() if self.path.exists() else ""
+                if self._stale(owner):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                from bicogan_dist.config import ConfigError
+
+                raise ConfigError(f"log.run_dir: {self.path.parent} is in use by another run (process {owner or '?'}); "
+                                  f"wait for it, stop it, or choose another log.run_dir") from None
+            except OSError as exc:  # checked at start, before any data is read or any step is trained
+                from bicogan_dist.config import ConfigError
+
+                raise ConfigError(f"log.run_dir: cannot write to {self.path.parent} ({exc.strerror}); choose a "
+                                  f"writable folder") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me + "\n")
+            self.held = True
+            return self
+        raise CheckpointError(f"{self.path}: could not take the run folder's lock")
+
+    @staticmethod
+    def _stale(owner: str) -> bool:
+        parts = owner.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            return True  # unreadable: left by a crash mid-write
+        host, pid = parts[0], int(parts[1])
+        if host != socket.gethostname():
+            return False  # cannot tell from here; another node's run may be alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bicogan_dist.models.networks import GANModels
+from bicogan_dist.train import checkpoint as ckpt
 
 
 class GeneratorEncoder(nn.Module):
@@ -62,7 +62,7 @@ class AccelerateEngine:
 
     Optimizers stay plain torch objects and each unit has its own GradScaler: with fp16,
     G/E and D gradients differ by orders of magnitude, and an overflow that skips the D
-    step must not change the G/E step's scale (DESIGN.md §6). Ranks agree on skips because
+    step must not change the G/E step's scale (docs/architecture.md §4). Ranks agree on skips because
     the inf check runs on all-reduced gradients.
     """
 
@@ -75,7 +75,7 @@ class AccelerateEngine:
         # broadcast_buffers=False: G's BatchNorm buffers are not re-broadcast in the middle of a step.
         ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
         # cpu=True on machines without CUDA: accelerate's launcher does not pass a config's
-        # ``use_cpu`` on to the processes, which then fall back to independent runs (DESIGN.md §5).
+        # ``use_cpu`` on to the processes, which then fall back to independent runs (docs/architecture.md §3).
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
                                        kwargs_handlers=[ddp_kwargs])
         self.mixed_precision = self.accelerator.mixed_precision
@@ -155,19 +155,19 @@ class AccelerateEngine:
     def save(self, folder: Path) -> None:
         """Write this engine's state into ``folder`` (every rank calls it; rank 0 writes the shared parts)."""
         if self.is_main:
-            for unit in ("ge", "d"):
-                state = {k: v.detach().cpu().contiguous() for k, v in self.unwrap(unit).state_dict().items()}
-                save_file(state, str(folder / f"{unit}.safetensors"))
+            for unit in ckpt.UNITS:
+                ckpt.write_tensors(self.unwrap(unit).state_dict(), folder / ckpt.unit_file(unit))
             torch.save({
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
-            }, folder / "optim.pt")
+            }, folder / ckpt.OPTIM_FILE)
 
     def load(self, folder: Path) -> None:
-        for unit in ("ge", "d"):
-            state = load_file(str(folder / f"{unit}.safetensors"), device=str(self.device))
-            self.unwrap(unit).load_state_dict(state)
-        state = torch.load(folder / "optim.pt", map_location=self.device, weights_only=True)
+        for unit in ckpt.UNITS:
+            path = folder / ckpt.unit_file(unit)
+            ckpt.load_module(self.unwrap(unit), ckpt.read_tensors(path), path)
+        # Read onto the CPU: Optimizer.load_state_dict moves each state to its parameter's device.
+        state = ckpt.read_torch_tensors(folder / ckpt.OPTIM_FILE)
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         for k, s in self.scalers.items():

@@ -9,7 +9,7 @@ trainer's ``GeneratorEncoder``) and one for D, each with its own torch Adam, its
 partitioning of optimizer states (stage 1) and gradients (stage 2), and its own fp16 loss
 scale. Why not Accelerate's DeepSpeed plugin: one ``prepare()`` with two models raises, and
 the multi-plugin route needs a second Accelerator, imports transformers and reported wrong
-process counts on CPU (DESIGN.md §5). The G/E step calls the raw D module (``unwrap("d")``)
+process counts on CPU (docs/architecture.md §3). The G/E step calls the raw D module (``unwrap("d")``)
 with D frozen, so D's engine hooks never fire outside the D step.
 
 Precision — fp32 weights + autocast, never DeepSpeed's native ``bf16``/``fp16`` modes.
@@ -35,7 +35,7 @@ keeps every gradient fp32 on the wire, as DDP does). Reasons, all checked on Dee
 fp16 needs loss scaling, and DeepSpeed 0.19.8's ``torch_autocast`` + ZeRO 1/2 fp16 path does
 not scale the loss before unscaling the gradients (updates come out 2^16 times too small —
 measured). So for fp16 this engine keeps its own dynamic loss scale per unit (G/E and D never
-share one, DESIGN.md §6) and hands it to ZeRO through ``override_loss_scale``: ZeRO multiplies
+share one, docs/architecture.md §4) and hands it to ZeRO through ``override_loss_scale``: ZeRO multiplies
 the loss by it, divides the gradients by it before clipping and Adam, and skips the step when
 the gradients hold inf/NaN — decided on all-reduced flags, so every rank skips the same steps
 and the scales never diverge (a skipped step reports an inf grad norm, as with the DDP engine's

@@ -22,7 +22,6 @@ from typing import Callable
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from bicogan_dist.config import ConfigError
@@ -30,8 +29,9 @@ from bicogan_dist.data.augment import build_augmenter
 from bicogan_dist.data.loader import build_loader, load_split
 from bicogan_dist.data.manifest import ShardManifest
 from bicogan_dist.imaging import to_model_range
+from bicogan_dist.models import diffaugment
 from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty,
-                                        latent_cycle_loss)
+                                        latent_cycle_loss, mode_seeking_loss)
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig
@@ -52,9 +52,9 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or inf; the message names the step and the loss."""
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the z noise drawn at ``step`` on ``rank`` (63-bit, stable across Python runs)."""
-    digest = hashlib.blake2b(f"z/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
+def step_seed(seed: int, step: int, rank: int, stream: str = "z") -> int:
+    """Seed of the random ``stream`` (z noise, D's augmentation) at ``step`` on ``rank`` (63-bit, stable)."""
+    digest = hashlib.blake2b(f"{stream}/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -105,6 +105,16 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
     """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0."""
     engine = make_engine(cfg)
     run_dir, start_ckpt = prepare_run_dir(cfg, resume)
+    lock = ckpt.RunLock(run_dir).acquire() if engine.is_main else None
+    try:
+        return _train(cfg, engine, run_dir, start_ckpt, evaluator_factory)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None,
+           evaluator_factory: EvaluatorFactory | None) -> TrainResult:
     device, rank, world = engine.device, engine.rank, engine.world_size
 
     augmenter = build_augmenter(cfg.augment)
@@ -122,10 +132,11 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
     conditional, bidirectional = cfg.model.conditional, cfg.model.bidirectional
     efl_on = conditional and bidirectional
     latent_on = bidirectional and cfg.loss.latent_weight > 0
+    mode_seeking = cfg.loss.mode_seeking_weight > 0
 
     start_step = 0
     if start_ckpt is not None:
-        start_step = load_checkpoint(start_ckpt, engine, G_ema, cfg)
+        start_step = ckpt.load(start_ckpt, engine, G_ema, cfg.to_dict()["model"])
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run_dir)
@@ -164,6 +175,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
             z = torch.randn(b, cfg.model.z_dim, device=device, generator=gen)
             c = y if conditional else None
+            if mode_seeking and conditional:  # fakes in pairs (i, i + b/2) share an emotion
+                c = torch.cat([y[: b // 2], y[: b // 2], y[2 * (b // 2):]])
             want_norm = (step + 1) % cfg.log.log_every == 0
 
             # One forward of G and E, shared by both updates.
@@ -172,18 +185,25 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
                     fake, z_hat, c_logits, z_rec = engine.ge(z, c, x, encode_fake=True)
                 else:
                     fake, z_hat, c_logits = engine.ge(z, c, x if bidirectional else None)
-            c_fake = F.one_hot(y, n_cls).float() if conditional else None
+            c_fake = F.one_hot(c, n_cls).float() if conditional else None
             if not conditional:
                 c_real = None
-            elif bidirectional:
+            elif bidirectional and cfg.loss.real_emotion == "encoder":
                 c_real = c_logits.float().softmax(1)
             else:
-                c_real = c_fake
+                c_real = F.one_hot(y, n_cls).float()  # the true emotion: real tuples carry c as fake ones do
             z_real = z_hat if bidirectional else None
+            # D sees every image through the same differentiable augmentation (both updates, real and fake).
+            x_real_d, fake_d = x, fake
+            if cfg.loss.diffaugment:
+                aug_gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank, "diffaug"))
+                aug = diffaugment.sample(cfg.loss.diffaugment, 2 * b, x.shape[-1], aug_gen, device)
+                x_d = diffaugment.apply(torch.cat([x, fake]), aug)
+                x_real_d, fake_d = x_d[:b].detach(), x_d[b:]  # real images carry no gradient (one cat, one op)
 
             # --- D update: real and fake tuples in one batch.
-            real_t = (x, _detach(z_real), _detach(c_real))
-            fake_t = (fake.detach(), z if bidirectional else None, c_fake)
+            real_t = (x_real_d, _detach(z_real), _detach(c_real))
+            fake_t = (fake_d.detach(), z if bidirectional else None, c_fake)
             D_raw.requires_grad_(True)
             with engine.autocast():
                 scores = engine.d(*_cat(real_t, fake_t)).float()
@@ -201,8 +221,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
 
             # --- G/E update through the plain, frozen D.
             D_raw.requires_grad_(False)
-            real_t = (x, z_real, c_real)
-            fake_t = (fake, z if bidirectional else None, c_fake)
+            real_t = (x_real_d, z_real, c_real)
+            fake_t = (fake_d, z if bidirectional else None, c_fake)
             with engine.autocast():
                 if bidirectional:
                     scores = D_raw(*_cat(real_t, fake_t)).float()
@@ -217,6 +237,10 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
             if latent_on:
                 loss_latent = latent_cycle_loss(z_rec, z)
                 loss_ge = loss_ge + cfg.loss.latent_weight * loss_latent
+            loss_ms = None
+            if mode_seeking:
+                loss_ms = mode_seeking_loss(fake, z)
+                loss_ge = loss_ge + cfg.loss.mode_seeking_weight * loss_ms
             norm_ge = engine.step("ge", loss_ge, want_norm)
             update_ema(G_ema, ge_raw.G, ema_decay_at(step, cfg.train.ema_decay))
 
@@ -237,6 +261,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
                        "D/real_score": s_real.mean(), "D/fake_score": s_fake.mean()}
             if loss_latent is not None:
                 metrics["loss/latent_cycle"] = loss_latent
+            if loss_ms is not None:
+                metrics["loss/mode_seeking"] = loss_ms
             if efl_on:
                 metrics["encoder/batch_accuracy"] = (c_logits.argmax(1) == y).float().mean()
             for k, v in metrics.items():
@@ -270,7 +296,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
             if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
                 monitor.scalars(step, evaluator(G_ema, ge_raw.E, label_names))
             if at_checkpoint:
-                saved = save_checkpoint(run_dir, step, engine, G_ema, cfg, per_epoch, label_names)
+                saved = ckpt.save(run_dir, step, engine, G_ema, {
+                    "epoch": step / per_epoch, "batches_per_epoch": per_epoch, "model": cfg.to_dict()["model"],
+                    "label_names": label_names}, keep=cfg.log.keep_checkpoints)
                 monitor.write(f"step {step}: checkpoint {saved}")
             if flags[1]:
                 monitor.write(f"step {step}: stop signal received; checkpoint saved, exiting")
@@ -320,50 +348,3 @@ def average_buffers(modules: list[torch.nn.Module], engine) -> None:
     for b in buffers:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))
         offset += b.numel()
-
-
-def save_checkpoint(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig,
-                    per_epoch: int, label_names: list[str]) -> Path:
-    tmp = ckpt.begin(run_dir, step, create=engine.is_main)
-    engine.barrier()
-    engine.save(tmp)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-rank{engine.rank}.pt")
-    if engine.is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in G_ema.state_dict().items()},
-                  str(tmp / "ema.safetensors"))
-    engine.barrier()
-    final = tmp.with_name(tmp.name[: -len(".tmp")])
-    if engine.is_main:
-        final = ckpt.commit(tmp, {
-            "step": step, "epoch": step / per_epoch, "batches_per_epoch": per_epoch,
-            "world_size": engine.world_size, "engine": engine.name, "model": cfg.to_dict()["model"],
-            "label_names": label_names,
-        }, keep=cfg.log.keep_checkpoints)
-    engine.barrier()
-    return final
-
-
-def load_checkpoint(folder: Path, engine, G_ema: torch.nn.Module, cfg: ExperimentConfig) -> int:
-    state = ckpt.read_state(folder)
-    if state.get("model") != cfg.to_dict()["model"]:
-        raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}); "
-                          f"resume with the run's own config.yaml")
-    if state.get("engine", "ddp") != engine.name:
-        raise ConfigError(f"train.engine: checkpoint {folder} was written by {state.get('engine')}, "
-                          f"this run uses {engine.name}")
-    engine.load(folder)
-    G_ema.load_state_dict(load_file(str(folder / "ema.safetensors"), device=str(engine.device)))
-    rng_file = folder / f"rng-rank{engine.rank}.pt"
-    if rng_file.is_file() and state.get("world_size") == engine.world_size:
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    elif engine.is_main:
-        print(f"warning: resuming a {state.get('world_size')}-process checkpoint on {engine.world_size} processes: "
-              f"the data order differs from a straight run", flush=True)
-    return int(state["step"])
-

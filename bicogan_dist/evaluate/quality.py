@@ -1,0 +1,318 @@
+"""The quality benchmark: ``tools/bench_quality.py`` — train configs for a fixed budget, evaluate, one table.
+
+Each row is one training run of an experiment YAML plus overrides, for exactly ``steps``
+steps, launched the way a user launches it (a subprocess, by default ``accelerate launch``
+with the CPU two-process config, or a GPU config with ``--launch``). Every run is then
+exported, evaluated with the project classifier of that data set, and drawn as a grid (one
+row per emotion, one column per seed). Columns:
+
+- conditional accuracy overall and per emotion, beside the classifier's own accuracy on the
+  real held-out split (the ceiling);
+- intra-class diversity (generated / real, 1.0 = as varied as real, 0 = one face per emotion), in the
+  classifier's features and in grey levels: noisy fakes inflate the feature ratio (their features vary
+  when the face does not), so read the two together and with the grid;
+- FID vs Training and mean per-emotion FID, beside the real-vs-real references;
+- encoder emotion accuracy on the held-out split, emotion-transfer success, reconstruction MAE
+  (grey levels);
+- training images/s (the trainer's ``perf/images_per_s``, median over the run) and wall time.
+
+Presets fix the budget and the rows (``PRESETS``); ``--rows`` picks a subset. Each row lives
+in ``OUT/<row>/`` (``run/``, ``export/``, ``report.json`` + ``.md``, ``grid.png``,
+``train.log``); a row whose report exists with the same steps, overrides and classifier is
+reused, so an interrupted benchmark continues. ``quality.md`` / ``quality.json`` cover the call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "launch_configs" / "experiments"
+CPU_2PROC = ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"
+
+
+class QualityError(RuntimeError):
+    """A row that failed to train, export or evaluate; the message names it and shows the log's tail."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmark run: an experiment YAML, overrides on top of it, and what it is meant to show."""
+
+    name: str
+    config: str  # experiment YAML stem
+    overrides: tuple[str, ...] = ()
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Preset:
+    steps: int
+    shards: str
+    rows: tuple[Row, ...]
+    overrides: tuple[str, ...] = ()  # added to every row (the budget's batch size, precision, ...)
+    num_samples: int = 200  # generated faces per emotion
+    description: str = ""
+
+
+#: What "the paper's BiCoGAN" and "before this benchmark" mean, as overrides of our defaults.
+BEFORE = ("model.g_conditioning=concat", "model.d_conditioning=concat", "loss.loss=bce",
+          "loss.real_emotion=encoder", "loss.diffaugment=[]")
+
+_ABLATIONS = (
+    Row("default", "quickstart", (), "the default recipe, seed 0"),
+    Row("default_seed1", "quickstart", ("train.seed=1",), "the same, seed 1: the noise of one row"),
+    Row("before", "quickstart", BEFORE, "the previous default: concat G and D, bce, E's c in real tuples"),
+    Row("g_concat", "quickstart", ("model.g_conditioning=concat",), "no conditional BatchNorm in G"),
+    Row("d_concat", "quickstart", ("model.d_conditioning=concat",), "no projection in D"),
+    Row("bce", "quickstart", ("loss.loss=bce",), "non-saturating loss instead of hinge"),
+    Row("real_c_encoder", "quickstart", ("loss.real_emotion=encoder",), "softmax(E_c(x)) in real tuples"),
+    Row("no_diffaugment", "quickstart", ("loss.diffaugment=[]",), "no DiffAugment"),
+    Row("no_latent_cycle", "quickstart", ("loss.latent_weight=0",), "no latent cycle loss"),
+    Row("no_mbstd", "quickstart", ("model.mbstd_group=0",), "no minibatch-stddev channel in D"),
+    Row("ttur", "quickstart", ("optim.lr_d=4e-4", "optim.lr_ge=1e-4"), "TTUR learning rates"),
+    Row("cgan", "quickstart", ("model.kind=cgan",), "cGAN (no encoder) with the same recipe"),
+)
+
+PRESETS: dict[str, Preset] = {
+    "synthetic": Preset(
+        steps=500, shards="data_shards/synthetic", rows=_ABLATIONS,
+        description="the quick start's budget: quickstart.yaml, 500 steps of 32 images x 2 CPU processes"),
+    "fer2013": Preset(
+        steps=4500, shards="data_shards/fer2013",
+        rows=(Row("default", "bicogan_rotate"), Row("default_seed1", "bicogan_rotate", ("train.seed=1",)),
+              Row("before", "bicogan_rotate", BEFORE), Row("paper", "bicogan_paper")),
+        overrides=("model.width=0.5", "train.mixed_precision=bf16", "data.batch_size=64"),
+        num_samples=500,
+        description="about 30 minutes of training per row on the 2-core CPU machine (4,500 steps of 64 images x "
+                    "2 processes, width 0.5, bf16); bicogan_paper is the paper's model as published"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_launch() -> list[str]:
+    """Two CPU processes (the tests' and the quick start's launcher) on a machine without a GPU, else one GPU."""
+    import torch
+
+    config = CPU_2PROC if not torch.cuda.is_available() else ROOT / "launch_configs" / "accelerate" / "1gpu.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+            "--main_process_port", str(free_port())]
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def train_run(name: str, config: Path, run_dir: Path, shards: Path, steps: int, overrides: Sequence[str],
+              launch: Sequence[str], log_file: Path, timeout: float | None = None) -> float:
+    """One training run as a subprocess, ``[launch] -m bicogan_dist.train --config ... key=value ...``; wall seconds.
+
+    A run folder that already holds checkpoints is resumed (an interrupted run continues, a
+    finished one stops at once). Failure raises ``QualityError`` with the log's tail.
+    """
+    from bicogan_dist.train import checkpoint as ckpt
+
+    if not config.is_file():
+        raise QualityError(f"{name}: experiment config {config} is missing")
+    cmd = [*(launch or [sys.executable]), "-m", "bicogan_dist.train", "--config", str(config)]
+    if ckpt.list_checkpoints(run_dir):
+        cmd += ["--resume", "latest"]
+    cmd += [f"data.shards={shards}", f"log.run_dir={run_dir}", f"train.max_steps={steps}", "log.progress=false",
+            *overrides]
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_file, "a") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=fh,
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired as exc:
+            raise QualityError(f"{name}: training did not finish within {timeout} s; log {log_file}") from exc
+    if rc != 0:
+        raise QualityError(f"{name}: training exited with status {rc}; last lines of {log_file}:\n{tail(log_file)}")
+    return time.perf_counter() - t0
+
+
+def images_per_second(run_dir: Path) -> float | None:
+    """Median of the trainer's ``perf/images_per_s`` over the run (TensorBoard), the first interval left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "perf/images_per_s" not in acc.Tags()["scalars"]:
+        return None
+    values = [e.value for e in acc.Scalars("perf/images_per_s")]
+    return float(statistics.median(values[1:] if len(values) > 2 else values))
+
+
+@dataclass
+class QualityResult:
+    preset: str
+    steps: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def summarise(row: Row, report: dict[str, Any], bench: dict[str, Any]) -> dict[str, Any]:
+    """The table's numbers for one row, from its evaluation report."""
+    ca, enc = report.get("conditional_accuracy"), report.get("encoder_accuracy")
+    rec, tr = report.get("reconstruction"), report.get("emotion_transfer")
+    split = report["settings"]["split"]
+    return {
+        "name": row.name, "config": row.config, "overrides": list(row.overrides), "note": row.note,
+        "conditional_accuracy": ca["overall"] if ca else None,
+        "conditional_accuracy_per_class": ca["per_class"] if ca else None,
+        "classifier_real_accuracy": report["classifier"]["accuracy_on_real"].get(split),
+        "intra_class_diversity": ca["intra_class_diversity"]["mean"] if ca else None,
+        "intra_class_diversity_real": ca["intra_class_diversity"][f"real_{split}_mean"] if ca else None,
+        "pixel_diversity": ca["intra_class_diversity"]["pixels_mean"] if ca else None,
+        "fid_training": report["fid"]["generated_vs_Training"],
+        "fid_training_real": report["fid"][f"real_Training_vs_{split}"],
+        "per_class_fid": ca["per_class_fid"]["mean"] if ca else None,
+        "per_class_fid_real": ca["per_class_fid"][f"real_{split}_mean"] if ca else None,
+        "encoder_accuracy": enc["overall"] if enc else None,
+        "transfer_success": tr["overall"] if tr else None,
+        "reconstruction_mae": rec["mae_grey_levels"] if rec else None,
+        "images_per_s": bench.get("images_per_s"), "train_seconds": bench.get("train_seconds"),
+        "grid": bench.get("grid"), "report": bench.get("report"),
+    }
+
+
+def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Path, shards: str | Path | None = None,
+                steps: int | None = None, rows: Sequence[str] | None = None, overrides: Sequence[str] = (),
+                launch: Sequence[str] | None = None, device: str = "cpu", num_samples: int | None = None,
+                seed: int = 0, rerun: bool = False, log: Callable[[str], None] = print) -> QualityResult:
+    """Train, export, evaluate and draw every row of a preset; write ``quality.md`` and ``quality.json``."""
+    import torch
+
+    from bicogan_dist.evaluate.classifier import load_classifier
+    from bicogan_dist.evaluate.evaluation import RealData, default_split, evaluate_export
+    from bicogan_dist.evaluate.report import write_report
+    from bicogan_dist.export import export_checkpoint, load_export
+    from bicogan_dist.sample import grid_panel, save_panel
+
+    if preset_name not in PRESETS:
+        raise QualityError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    preset = PRESETS[preset_name]
+    steps = steps or preset.steps
+    if steps < 1:
+        raise QualityError("--steps must be >= 1")
+    num_samples = num_samples or preset.num_samples
+    shards = Path(shards or ROOT / preset.shards).resolve()
+    if not (shards / "manifest.json").is_file():
+        raise QualityError(f"{shards}: no manifest.json; shard the data first (tools/shard_fer2013.py)")
+    unknown = set(rows or []) - {r.name for r in preset.rows}
+    if unknown:
+        raise QualityError(f"unknown row(s) {sorted(unknown)}; preset {preset_name} has {[r.name for r in preset.rows]}")
+    chosen = [r for r in preset.rows if rows is None or r.name in rows]
+    out = Path(out_dir).resolve()
+    device_t = torch.device(device)
+    clf = load_classifier(classifier_dir, device_t)
+    split = default_split(shards)
+    real = None
+    result = QualityResult(preset_name, steps)
+    t_all = time.perf_counter()
+    for row in chosen:
+        folder = out / row.name
+        extra = [*preset.overrides, *overrides, *row.overrides]
+        report_json, bench_json = folder / "report.json", folder / "bench.json"
+        if rerun and folder.exists():
+            shutil.rmtree(folder)
+        bench = json.loads(bench_json.read_text()) if bench_json.is_file() else None
+        if bench is not None and (bench.get("steps") != steps or bench.get("overrides") != extra
+                                  or bench.get("classifier_sha256") != clf.weights_sha256):
+            raise QualityError(f"{bench_json} was made with other steps, overrides or classifier; pass --rerun to "
+                               f"replace it or choose another --out")
+        if bench is None or not report_json.is_file():
+            if folder.exists():
+                shutil.rmtree(folder)  # a row interrupted before its report: train it afresh
+            log(f"[{row.name}] training {steps} steps ({row.config}.yaml {' '.join(extra)})")
+            seconds = train_run(row.name, CONFIGS / f"{row.config}.yaml", folder / "run", shards, steps, extra,
+                                default_launch() if launch is None else launch, folder / "train.log")
+            export_checkpoint(folder / "run", folder / "export", force=True)
+            if real is None:
+                real = RealData.load(shards, split, clf)
+            exported = load_export(folder / "export", device_t)
+            report = evaluate_export(exported, shards, clf, num_samples=num_samples, split=split, device=device_t,
+                                     seed=seed, real=real)
+            write_report(report, report_json)
+            save_panel(grid_panel(exported, list(range(8))), folder / "grid.png")
+            bench = {"steps": steps, "overrides": extra, "classifier_sha256": clf.weights_sha256,
+                     "train_seconds": round(seconds, 1), "images_per_s": images_per_second(folder / "run"),
+                     "grid": str(folder / "grid.png"), "report": str(report_json)}
+            bench_json.write_text(json.dumps(bench, indent=2) + "\n")
+        else:
+            log(f"[{row.name}] reusing {report_json}")
+        summary = summarise(row, json.loads(report_json.read_text()), bench)
+        result.rows.append(summary)
+        log(f"[{row.name}] conditional accuracy {_pct(summary['conditional_accuracy'])}, diversity "
+            f"{_num(summary['intra_class_diversity'])}, FID {_num(summary['fid_training'])}")
+    result.meta = {"preset": preset_name, "description": preset.description, "steps": steps,
+                   "shards": str(shards), "split": split, "num_samples_per_class": num_samples, "seed": seed,
+                   "feature_space": clf.feature_space, "classifier": str(classifier_dir),
+                   "classifier_sha256": clf.weights_sha256, "seconds": round(time.perf_counter() - t_all, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"meta": result.meta, "rows": result.rows}, indent=2) + "\n")
+    (out / "quality.md").write_text(quality_markdown(result))
+    return result
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def quality_markdown(result: QualityResult) -> str:
+    m = result.meta
+    rows = result.rows
+    ref = rows[0] if rows else {}
+    lines = [f"# Quality benchmark: preset `{m['preset']}`", "",
+             f"{m['description']}. {m['steps']} steps per row; evaluated on {m['split']} with "
+             f"{m['num_samples_per_class']} generated faces per emotion, seed {m['seed']}.", "",
+             f"Feature space: {m['feature_space']} (classifier sha256 {str(m['classifier_sha256'])[:12]}). "
+             f"Ceilings and references, real data: classifier accuracy {_pct(ref.get('classifier_real_accuracy'))}, "
+             f"diversity {_num(ref.get('intra_class_diversity_real'))}, FID vs Training "
+             f"{_num(ref.get('fid_training_real'))}, per-emotion FID {_num(ref.get('per_class_fid_real'))}.", ""]
+    header = ["row", "cond. acc.", "diversity", "pixel div.", "FID", "per-emotion FID", "encoder acc.", "transfer", "recon. MAE",
+              "img/s", "train s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["name"], _pct(r["conditional_accuracy"]), _num(r["intra_class_diversity"]),
+            _num(r["pixel_diversity"]), _num(r["fid_training"]),
+            _num(r["per_class_fid"]), _pct(r["encoder_accuracy"]), _pct(r["transfer_success"]),
+            _num(r["reconstruction_mae"], 1), _num(r["images_per_s"], 0), _num(r["train_seconds"], 0)]) + " |")
+    if rows and rows[0]["conditional_accuracy_per_class"]:
+        names = list(rows[0]["conditional_accuracy_per_class"])
+        lines += ["", "Conditional accuracy per emotion:", "",
+                  "| row | " + " | ".join(names) + " |", "|---|" + "|".join("---" for _ in names) + "|"]
+        for r in rows:
+            pc = r["conditional_accuracy_per_class"] or {}
+            lines.append(f"| {r['name']} | " + " | ".join(_pct(pc.get(n)) for n in names) + " |")
+    lines += ["", "Rows:", ""] + [f"- `{r['name']}`: {r['note'] or r['config']}"
+                                  + (f" (`{' '.join(r['overrides'])}`)" if r["overrides"] else "") for r in rows]
+    lines += ["", f"This call: {m['seconds']:.0f} s. Grids: `<out>/<row>/grid.png`; reports: `<out>/<row>/report.md`.",
+              ""]
+    return "\n".join(lines)

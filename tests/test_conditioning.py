@@ -1,0 +1,186 @@
+"""The conditioning options of the one network builder and loss module, and the class-fidelity metrics.
+
+- class-conditional BatchNorm in G (``model.g_conditioning=cbn``): c changes G's output through
+  every block, z alone enters the first layer;
+- projection D (``model.d_conditioning=projection``): the class embedding enters the score only as
+  <embed(c), phi(x)>, and its gradient reaches the embedding;
+- DiffAugment (``loss.diffaugment``): exact translation and cutout, differentiable, reproducible;
+- intra-class diversity: 0 for identical faces, about 1 for two samples of one distribution.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bicogan_dist.config import ConfigError, from_dict
+from bicogan_dist.evaluate.metrics import mean_pairwise_distance
+from bicogan_dist.models import diffaugment
+from bicogan_dist.models.losses import LossConfig
+from bicogan_dist.models.networks import (ConditionalBatchNorm2d, ModelConfig, build_models,
+                                          config_from_description, describe)
+
+N_CLS = 6
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def models(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind=kw.pop("kind", "bicogan"), width=0.25, z_dim=16, channels_last=False, **kw)
+    return cfg, build_models(cfg, N_CLS)
+
+
+# ----------------------------------------------------------------------------- G: conditional BatchNorm
+def test_cbn_generator_takes_z_alone_and_modulates_every_batchnorm():
+    cfg, m = models(g_conditioning="cbn")
+    assert m.G.fc.in_features == cfg.z_dim  # the class does not enter the input layer
+    cbns = [mod for mod in m.G.modules() if isinstance(mod, ConditionalBatchNorm2d)]
+    assert len(cbns) == 3 and all(b.gain is not None and not b.bn.affine for b in cbns)
+    _, concat = models(g_conditioning="concat")
+    assert concat.G.fc.in_features == 2 * cfg.z_dim
+
+
+@pytest.mark.parametrize("g_conditioning", ["cbn", "concat"])
+def test_changing_only_c_changes_the_generated_face(g_conditioning):
+    _, m = models(g_conditioning=g_conditioning)
+    m.G.eval()
+    z = torch.randn(6, 16).repeat(2, 1)
+    c = torch.cat([torch.zeros(6, dtype=torch.long), torch.arange(6)])
+    with torch.no_grad():
+        out = m.G(z, c)
+        single = m.G(z[:1], c[:1])[0]
+    assert torch.allclose(out[0], single, atol=1e-5)  # eval mode: no batch statistics
+    diffs = (out[:6] - out[6:]).abs().flatten(1).amax(1)
+    assert diffs[0] == 0 and (diffs[1:] > 1e-3).all()  # same c, same face; other c, other face
+
+
+def test_cbn_class_gradient_reaches_the_shared_embedding_and_every_layer():
+    _, m = models(g_conditioning="cbn")
+    out = m.G(torch.randn(8, 16), torch.arange(8) % N_CLS)
+    out.square().mean().backward()
+    assert m.G.embed.weight.grad is not None and m.G.embed.weight.grad.abs().sum() > 0
+    for mod in m.G.modules():
+        if isinstance(mod, ConditionalBatchNorm2d):
+            assert mod.gain.weight.grad.abs().sum() > 0 and mod.bias.weight.grad.abs().sum() > 0
+
+
+def test_unconditional_kinds_use_plain_affine_batchnorm():
+    _, m = models(kind="bigan", g_conditioning="cbn")
+    cbns = [mod for mod in m.G.modules() if isinstance(mod, ConditionalBatchNorm2d)]
+    assert cbns and all(b.gain is None and b.bn.affine for b in cbns)
+    assert m.G(torch.randn(2, 16), None).shape == (2, 1, 48, 48)
+
+
+# ----------------------------------------------------------------------------- D: projection
+def test_projection_score_is_joint_score_plus_inner_product_with_the_class_embedding():
+    cfg, m = models(d_conditioning="projection")
+    D = m.D.eval()
+    assert D.joint[0].in_features == 2 * 8 * cfg.base_channels  # x and z features, no c
+    x, z = torch.rand(4, 1, 48, 48) * 2 - 1, torch.randn(4, 16)
+    c = F.one_hot(torch.tensor([0, 1, 2, 3]), N_CLS).float()
+    phi = D.x_net(x)
+    joint = D.joint(torch.cat([phi, D.z_net(z)], 1)).squeeze(1)
+    expected = joint + (D.c_net(c) * phi).sum(1)
+    assert torch.allclose(D(x, z, c), expected, atol=1e-5)
+    # changing only c moves the score by exactly the difference of the projections
+    c2 = F.one_hot(torch.tensor([5, 5, 5, 5]), N_CLS).float()
+    assert torch.allclose(D(x, z, c2) - D(x, z, c), ((D.c_net(c2) - D.c_net(c)) * phi).sum(1), atol=1e-5)
+
+
+def test_projection_gradient_reaches_the_class_embedding():
+    _, m = models(d_conditioning="projection")
+    c = F.one_hot(torch.arange(4) % N_CLS, N_CLS).float()
+    m.D(torch.rand(4, 1, 48, 48), torch.randn(4, 16), c).sum().backward()
+    emb = m.D.c_net.parametrizations.weight.original.grad
+    assert emb is not None and emb.abs().sum() > 0
+
+
+def test_concat_d_feeds_c_into_the_joint_mlp():
+    cfg, m = models(d_conditioning="concat")
+    assert m.D.joint[0].in_features == 3 * 8 * cfg.base_channels
+
+
+def test_conditioning_options_validated_and_described():
+    with pytest.raises(ConfigError, match="model.g_conditioning: 'film' is not one of"):
+        ModelConfig(g_conditioning="film")
+    with pytest.raises(ConfigError, match="d_conditioning: 'aux' is not one of"):
+        from_dict(ModelConfig, {"d_conditioning": "aux"})
+    desc = describe(ModelConfig(width=0.25), N_CLS)
+    assert (desc["generator_conditioning"], desc["discriminator_conditioning"]) == ("cbn", "projection")
+    # an export written before the options existed describes concatenating networks
+    old = {k: v for k, v in desc["config"].items() if k not in ("g_conditioning", "d_conditioning")}
+    assert (config_from_description({"config": old}).g_conditioning,
+            config_from_description({"config": old}).d_conditioning) == ("concat", "concat")
+
+
+# ----------------------------------------------------------------------------- DiffAugment
+def params(ops, b=4, seed=0):
+    return diffaugment.sample(ops, b, 48, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def test_translation_shifts_by_whole_pixels_with_zero_fill():
+    x = torch.rand(3, 1, 48, 48)
+    p = diffaugment.DiffAugmentParams(shift=torch.tensor([[2, -3], [0, 0], [-6, 6]]), centre=None)
+    out = diffaugment.apply(x, p)
+    assert torch.equal(out[0, :, 2:, :45], x[0, :, :46, 3:]) and (out[0, :, :2] == 0).all()
+    assert (out[0, :, :, 45:] == 0).all()
+    assert torch.equal(out[1], x[1])
+    assert torch.equal(out[2, :, :42, 6:], x[2, :, 6:, :42])
+    assert params(["translation"], b=1000).shift.abs().max() == 6  # 1/8 of 48
+
+
+def test_cutout_zeroes_one_square_of_half_the_side():
+    x = torch.ones(2, 1, 48, 48)
+    p = diffaugment.DiffAugmentParams(shift=None, centre=torch.tensor([[24, 24], [0, 47]]))
+    out = diffaugment.apply(x, p)
+    assert int((out[0] == 0).sum()) == 23 * 23  # |y - 24| < 12 and |x - 24| < 12
+    assert (out[0, 0, 13:36, 13:36] == 0).all() and out[0, 0, 12, 24] == 1
+    assert int((out[1] == 0).sum()) == 12 * 12  # clipped at the corner
+
+
+def test_diffaugment_is_differentiable_reproducible_and_off_when_empty():
+    x = torch.rand(4, 1, 48, 48, requires_grad=True)
+    out = diffaugment.apply(x, params(["translation", "cutout"]))
+    out.sum().backward()
+    assert x.grad is not None and 0 < x.grad.sum() < x.numel()  # moved-out and cut pixels get no gradient
+    a, b, c = params(["translation", "cutout"], seed=3), params(["translation", "cutout"], seed=3), params(
+        ["translation", "cutout"], seed=4)
+    assert torch.equal(a.shift, b.shift) and torch.equal(a.centre, b.centre) and not torch.equal(a.shift, c.shift)
+    y = torch.rand(2, 1, 48, 48)
+    assert diffaugment.apply(y, params([], b=2)) is y
+
+
+def test_loss_config_validates_the_new_keys():
+    assert LossConfig().diffaugment == ["translation", "cutout"] and LossConfig().real_emotion == "label"
+    with pytest.raises(ConfigError, match="loss.diffaugment"):
+        LossConfig(diffaugment=["color"])
+    with pytest.raises(ConfigError, match="loss.real_emotion: 'soft' is not one of"):
+        LossConfig(real_emotion="soft")
+
+
+# ----------------------------------------------------------------------------- diversity metric
+def test_mean_pairwise_distance_known_cases():
+    assert mean_pairwise_distance(torch.ones(10, 4)) == 0.0  # identical faces: no diversity
+    assert mean_pairwise_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    pts = torch.tensor([[0.0], [1.0], [3.0]])
+    assert mean_pairwise_distance(pts) == pytest.approx((1 + 3 + 2) / 3)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(800, 16, generator=gen), torch.randn(800, 16, generator=gen)
+    assert mean_pairwise_distance(a) / mean_pairwise_distance(b) == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_distance(torch.ones(1, 3))
+
+
+# ----------------------------------------------------------------------------- mode seeking
+def test_mode_seeking_loss_is_latent_over_image_distance_of_the_two_halves():
+    from bicogan_dist.models.losses import mode_seeking_loss
+
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 3.0]])  # |z1 - z2| mean = (2 + 0 + 0 + 2) / 4 = 1
+    fake = torch.zeros(4, 1, 2, 2)
+    fake[2:] = 0.5  # every pixel differs by 0.5 between the halves
+    assert float(mode_seeking_loss(fake, z)) == pytest.approx(1.0 / 0.5, rel=1e-4)
+    same = mode_seeking_loss(torch.zeros(4, 1, 2, 2), z)  # G ignoring z: the loss explodes
+    assert float(same) > 1e4
+    g = torch.zeros(4, 1, 2, 2, requires_grad=True)
+    (mode_seeking_loss(g + fake, z)).backward()
+    assert g.grad[:2].sum() > 0 > g.grad[2:].sum()  # pushes the halves apart
