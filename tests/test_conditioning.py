@@ -106,7 +106,7 @@ def test_conditioning_options_validated_and_described():
     with pytest.raises(ConfigError, match="d_conditioning: 'aux' is not one of"):
         from_dict(ModelConfig, {"d_conditioning": "aux"})
     desc = describe(ModelConfig(width=0.25), N_CLS)
-    assert (desc["generator_conditioning"], desc["discriminator_conditioning"]) == ("cbn", "projection")
+    assert (desc["generator_conditioning"], desc["discriminator_conditioning"]) == ("concat", "projection")
     # an export written before the options existed describes concatenating networks
     old = {k: v for k, v in desc["config"].items() if k not in ("g_conditioning", "d_conditioning")}
     assert (config_from_description({"config": old}).g_conditioning,
@@ -151,7 +151,8 @@ def test_diffaugment_is_differentiable_reproducible_and_off_when_empty():
 
 
 def test_loss_config_validates_the_new_keys():
-    assert LossConfig().diffaugment == ["translation", "cutout"] and LossConfig().real_emotion == "label"
+    assert LossConfig().diffaugment == [] and LossConfig().real_emotion == "label"
+    assert LossConfig(diffaugment=["translation", "cutout"]).diffaugment == ["translation", "cutout"]
     with pytest.raises(ConfigError, match="loss.diffaugment"):
         LossConfig(diffaugment=["color"])
     with pytest.raises(ConfigError, match="loss.real_emotion: 'soft' is not one of"):
@@ -184,3 +185,41 @@ def test_mode_seeking_loss_is_latent_over_image_distance_of_the_two_halves():
     g = torch.zeros(4, 1, 2, 2, requires_grad=True)
     (mode_seeking_loss(g + fake, z)).backward()
     assert g.grad[:2].sum() > 0 > g.grad[2:].sum()  # pushes the halves apart
+
+
+# ----------------------------------------------------------------------------- ADC-GAN head
+def test_adc_head_targets_real_k_and_fake_k():
+    from bicogan_dist.models.losses import adc_d_loss, adc_g_loss
+
+    k = N_CLS
+    y = torch.tensor([0, 3, 5])
+    perfect_real = F.one_hot(y, 2 * k).float() * 50  # real face of emotion y read as class y
+    perfect_fake = F.one_hot(y + k, 2 * k).float() * 50  # fake asked for y read as class K + y
+    assert float(adc_d_loss(perfect_real, y, perfect_fake, y)) == pytest.approx(0.0, abs=1e-6)
+    swapped = float(adc_d_loss(perfect_fake, y, perfect_real, y))
+    assert swapped > 40  # the other way round is maximally wrong
+    # G wants its fakes read as real-k: lowest when they are, highest when D sees through them
+    assert float(adc_g_loss(perfect_real, y)) < -40 < 40 < float(adc_g_loss(perfect_fake, y))
+
+
+def test_adc_head_is_part_of_d_and_gets_gradient():
+    cfg, m = models(d_class_head=True)
+    assert m.D.class_head is not None
+    c = F.one_hot(torch.arange(4) % N_CLS, N_CLS).float()
+    score, logits = m.D(torch.rand(4, 1, 48, 48), torch.randn(4, 16), c, with_class_logits=True)
+    assert score.shape == (4,) and logits.shape == (4, 2 * N_CLS)
+    logits.sum().backward()
+    assert m.D.class_head.parametrizations.weight.original.grad.abs().sum() > 0
+    _, plain = models()
+    with pytest.raises(ValueError, match="d_class_head"):
+        plain.D(torch.rand(2, 1, 48, 48), torch.randn(2, 16), c[:2], with_class_logits=True)
+    with pytest.raises(ConfigError, match="model.d_class_head"):
+        ModelConfig(kind="bigan", d_class_head=True)
+
+
+def test_adc_weight_needs_the_head():
+    from bicogan_dist.train.config import load_config
+
+    with pytest.raises(ConfigError, match="loss.adc_weight: needs model.d_class_head"):
+        load_config(None, ["loss.adc_weight=1"])
+    assert load_config(None, ["loss.adc_weight=1", "model.d_class_head=true"]).loss.adc_weight == 1.0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,3 +257,70 @@ def test_trainer_logs_periodic_evaluation_to_tensorboard(built, tmp_path):
     assert {"eval/conditional_accuracy", "eval/fid_training", "eval/encoder_accuracy"} <= tags, tags
     assert [e.step for e in acc.Scalars("eval/conditional_accuracy")] == [1, 2]
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("eval/encoder_accuracy"))
+
+
+def test_class_fidelity_numbers_and_their_real_references(built):
+    """Per-emotion diversity and FID are in the report; a G that ignores z scores 0 diversity."""
+    from bicogan_dist.evaluate.classifier import load_classifier
+    from bicogan_dist.evaluate.evaluation import Evaluator, RealData
+    from bicogan_dist.export import load_export
+
+    clf = load_classifier(built["clf"])
+    real = RealData.load(built["shards"], "PrivateTest", clf)
+    ev = Evaluator(clf, real, num_samples=NUM, seed=0)
+    exported = load_export(built["bicogan"])
+    ca = ev.conditional_accuracy(exported.G, exported.z_dim)
+    div, pcf = ca["intra_class_diversity"], ca["per_class_fid"]
+    assert set(div["per_class"]) == set(pcf["per_class"]) == set(real.class_names)
+    assert div["mean"] > 0 and div["pixels_mean"] > 0 and pcf["mean"] > 0
+    assert 0.5 < div["real_PrivateTest_mean"] < 1.5  # real held-out vs real Training: about 1
+
+    class IgnoresZ(torch.nn.Module):  # the failure the metric exists for: one face per emotion
+        def __init__(self, G):
+            super().__init__()
+            self.G = G
+
+        def forward(self, z, c):
+            return self.G(torch.zeros_like(z), c)
+
+    collapsed = ev.conditional_accuracy(IgnoresZ(exported.G), exported.z_dim)["intra_class_diversity"]
+    assert collapsed["mean"] == pytest.approx(0.0, abs=1e-6) and collapsed["pixels_mean"] == 0.0
+
+
+@pytest.mark.slow
+def test_bench_quality_end_to_end_on_a_tiny_budget(built, tmp_path):
+    """tools/bench_quality.py as a user runs it: two rows trained through accelerate launch, one table."""
+    out = tmp_path / "quality"
+    cmd = [sys.executable, "tools/bench_quality.py", "--preset", "synthetic", "--classifier", str(built["clf"]),
+           "--shards", str(built["shards"]), "--out", str(out), "--steps", "3", "--rows", "default,before",
+           "--num-samples", "12", *TINY_GAN]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((out / "quality.json").read_text())
+    assert [r["name"] for r in result["rows"]] == ["default", "before"] and result["meta"]["steps"] == 3
+    for r in result["rows"]:
+        assert 0 <= r["conditional_accuracy"] <= 1 and r["fid_training"] >= 0 and r["images_per_s"] > 0
+        assert r["intra_class_diversity"] >= 0 and r["per_class_fid"] >= 0 and r["reconstruction_mae"] >= 0
+        assert (out / r["name"] / "grid.png").is_file() and (out / r["name"] / "report.md").is_file()
+        state = json.loads(next((out / r["name"] / "run" / "checkpoints").glob("*/state.json")).read_text())
+        assert state["step"] == 3 and state["world_size"] == 2
+    assert "| default |" in proc.stdout and "| before |" in proc.stdout
+    # the second call reuses both rows
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 2
+
+
+def test_every_quality_preset_row_is_a_valid_config():
+    """A typo in a benchmark row would only show after the rows before it had trained for an hour."""
+    from bicogan_dist.evaluate.quality import CONFIGS, PRESETS
+    from bicogan_dist.train.config import load_config
+
+    for name, preset in PRESETS.items():
+        assert len({r.name for r in preset.rows}) == len(preset.rows), name
+        for row in preset.rows:
+            extra = [*(preset.overrides if row.shared else ()), *row.overrides]
+            cfg = load_config(CONFIGS / f"{row.config}.yaml", extra)
+            assert cfg.model.kind in ("bicogan", "cgan"), (name, row.name)
+    fer = {r.name: r for r in PRESETS["fer2013"].rows}
+    assert load_config(CONFIGS / "bicogan_paper.yaml").model.arch == "paper" and not fer["paper"].shared

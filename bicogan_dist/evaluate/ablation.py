@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -78,39 +76,16 @@ def verdict(value: float, baseline: float, tolerance: float) -> str:
     return "better" if r < 0 else "worse"
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def train_setting(setting: Setting, run_dir: Path, shards: Path, steps: int, overrides: Sequence[str],
                   configs: Path, launch: Sequence[str], log_file: Path, timeout: float | None = None) -> None:
-    """One training run as a subprocess: ``[launch] -m bicogan_dist.train --config ... key=value ...``."""
-    from bicogan_dist.train import checkpoint as ckpt
+    """One training run as a subprocess (the quality benchmark's runner): ``[launch] -m bicogan_dist.train ...``."""
+    from bicogan_dist.evaluate.quality import QualityError, train_run
 
-    config = configs / f"{setting.config}.yaml"
-    if not config.is_file():
-        raise AblationError(f"{setting.name}: experiment config {config} is missing")
-    prefix = list(launch) if launch else [sys.executable]
-    cmd = [*prefix, "-m", "bicogan_dist.train", "--config", str(config)]
-    if ckpt.list_checkpoints(run_dir):
-        cmd += ["--resume", "latest"]  # an interrupted run continues; a finished one stops at once
-    cmd += [f"data.shards={shards}", f"log.run_dir={run_dir}", f"train.max_steps={steps}", "log.progress=false",
-            *overrides]
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_file, "a") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        fh.flush()
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired as exc:
-            raise AblationError(f"{setting.name}: training did not finish within {timeout} s; log {log_file}") from exc
-    if rc != 0:
-        raise AblationError(f"{setting.name}: training exited with status {rc}; last lines of {log_file}:\n"
-                            f"{_tail(log_file)}")
+    try:
+        train_run(setting.name, configs / f"{setting.config}.yaml", run_dir, shards, steps, overrides, launch,
+                  log_file, timeout)
+    except QualityError as exc:
+        raise AblationError(str(exc)) from exc
 
 
 def run_ablation(shards: str | Path, classifier_dir: str | Path, steps: int, out_dir: str | Path,

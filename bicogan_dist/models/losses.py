@@ -41,7 +41,7 @@ REAL_EMOTIONS: tuple[str, ...] = ("label", "encoder")
 class LossConfig:
     """Adversarial loss choice, WGAN settings and the EFL weight schedule."""
 
-    loss: Literal["bce", "hinge", "wgan", "wgan_gp"] = "hinge"  # bce = non-saturating, the paper's
+    loss: Literal["bce", "hinge", "wgan", "wgan_gp"] = "bce"  # bce = non-saturating, the paper's
     gp_weight: float = 10.0  # WGAN-GP penalty weight
     clip_value: float = 0.01  # WGAN weight clipping bound
     efl_alpha: float = 5.0  # EFL weight gamma = min(alpha * exp(rho * t), phi), t in epochs
@@ -53,13 +53,17 @@ class LossConfig:
     latent_weight: float = 1.0
     # Mode seeking (Mao et al. 2019, MSGAN): mode_seeking_weight * mean|z1 - z2| / mean|G(z1,c) - G(z2,c)|
     # over pairs of fakes that share c; pushes G to draw visibly different faces for different z. 0 = off.
-    mode_seeking_weight: float = 0.0
+    mode_seeking_weight: float = 1.0
+    # ADC-GAN (needs model.d_class_head): D's head learns real-k vs fake-k; G makes its fakes read as real-k
+    # and not as fake-k. 0 = off.
+    adc_weight: float = 0.0
     # The emotion in D's *real* tuples of a BiCoGAN: "label" = one_hot(true emotion), "encoder" =
     # softmax(E_c(x)) (the BiCoGAN paper's). With "encoder" D can tell real from fake by c alone (soft
     # vs one-hot) instead of by whether x shows c; E's emotion head then learns from the EFL only.
     real_emotion: Literal["label", "encoder"] = "label"
     # Differentiable augmentation of every image D sees, real and fake alike (models.diffaugment).
-    diffaugment: list[str] = field(default_factory=lambda: ["translation", "cutout"])
+    # Off by default: at the quick start's budget it slowed learning (README, quality benchmark).
+    diffaugment: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -70,12 +74,12 @@ class LossConfig:
             raise ConfigError(f"loss.diffaugment: {self.diffaugment!r} must be a list drawn from {list(DIFF_AUGMENTS)}")
         self.diffaugment = list(self.diffaugment)
         for name in ("gp_weight", "clip_value", "efl_alpha", "efl_rho", "efl_phi", "latent_weight",
-                     "mode_seeking_weight"):
+                     "mode_seeking_weight", "adc_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"loss.{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
-        for name in ("gp_weight", "efl_alpha", "efl_phi", "latent_weight", "mode_seeking_weight"):
+        for name in ("gp_weight", "efl_alpha", "efl_phi", "latent_weight", "mode_seeking_weight", "adc_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_value <= 0:
@@ -170,3 +174,16 @@ def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) ->
     img = (fake[:h].float() - fake[h:2 * h].float()).abs().mean()
     lat = (z[:h].float() - z[h:2 * h].float()).abs().mean()
     return lat / (img + eps)
+
+
+def adc_d_loss(real_logits: torch.Tensor, real_y: torch.Tensor, fake_logits: torch.Tensor,
+               fake_c: torch.Tensor) -> torch.Tensor:
+    """ADC-GAN, D side: real faces of emotion k are class k, fakes asked for k are class K + k."""
+    k = real_logits.shape[1] // 2
+    return F.cross_entropy(real_logits.float(), real_y) + F.cross_entropy(fake_logits.float(), fake_c + k)
+
+
+def adc_g_loss(fake_logits: torch.Tensor, fake_c: torch.Tensor) -> torch.Tensor:
+    """ADC-GAN, G side: fakes asked for k should read as real-k, not as fake-k."""
+    k = fake_logits.shape[1] // 2
+    return F.cross_entropy(fake_logits.float(), fake_c) - F.cross_entropy(fake_logits.float(), fake_c + k)

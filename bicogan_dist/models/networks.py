@@ -28,10 +28,10 @@ Two architectures:
 channels ``C = 8 * max(1, round(8 * width))``: 64 at width 1, 16 at 0.25). A Linear layer
 makes 6x6x4C + BatchNorm + ReLU, two ConvTranspose(4x4, stride 2) + BatchNorm + ReLU blocks
 reach 24x24xC and a last ConvTranspose to 1 channel + tanh gives 48x48. How G sees the
-emotion is ``g_conditioning``: ``cbn`` (default) feeds z alone to the Linear layer and
-modulates every BatchNorm with a gain and bias computed from one shared class embedding
-(BigGAN/SNGAN's class-conditional BatchNorm); ``concat`` concatenates z with the class
-embedding at the input only (then one layer can learn to ignore c). Transposed 4x4 stride-2
+emotion is ``g_conditioning``: ``concat`` (default) concatenates z with a learned class
+embedding at the input; ``cbn`` feeds z alone to the Linear layer and modulates every
+BatchNorm with a gain and bias computed from one shared class embedding (BigGAN/SNGAN's
+class-conditional BatchNorm). Transposed 4x4 stride-2
 convolutions (kernel divisible by stride, so no uneven overlap) were chosen over
 nearest-upsample + 3x3 conv because the latter, with its 48x48 conv to one channel, made G
 4.5x slower on CPU (5.4 s vs 1.2 s forward+backward at batch 128).
@@ -45,9 +45,9 @@ on z and a joint MLP on [phi(x), z features] → score. The emotion enters by
 Koyama: D must judge x *as* the emotion c), ``concat`` feeds embed(c) into the joint MLP.
 Spectral norm (``spectral_norm``) wraps every D layer. Weights start at DCGAN's
 normal(0, 0.02). Cost is quadratic in width: use width 0.25-0.5 on CPU.
-Parameter counts (6 classes, z_dim 100, bicogan, defaults): width 1 — G 1,668,185,
-E 1,634,218, D 6,762,433; width 0.5 — G 670,553, E 653,322, D 1,710,049; width 0.25 —
-G 294,617, E 285,754, D 437,233.
+Parameter counts (6 classes, z_dim 100, bicogan, defaults): width 1 — G 2,501,081,
+E 1,634,218, D 6,762,433; width 0.5 — G 1,087,001, E 653,322, D 1,710,049; width 0.25 —
+G 502,841, E 285,754, D 437,233 (``cbn`` G at width 1: 1,668,185; ``concat`` D: 7,286,721).
 
 ``paper`` — the seed paper's published Keras networks, layer for layer (``width``,
 ``spectral_norm`` and ``d_batchnorm`` do not apply; ``describe`` reports the effective
@@ -82,7 +82,7 @@ from bicogan_dist.config import ConfigError
 
 KINDS: tuple[str, ...] = ("gan", "cgan", "bigan", "bicogan")
 ARCHS: tuple[str, ...] = ("ours", "paper")
-G_CONDITIONING: tuple[str, ...] = ("cbn", "concat")
+G_CONDITIONING: tuple[str, ...] = ("concat", "cbn")
 D_CONDITIONING: tuple[str, ...] = ("projection", "concat")
 IMAGE_SHAPE: tuple[int, int, int] = (1, 48, 48)
 
@@ -99,12 +99,16 @@ class ModelConfig:
     d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, docs/architecture.md §4
     mbstd_group: int = 4  # D's minibatch-stddev group (``ours``; 0 = off): lets D see a lack of variety
     channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
-    # How G sees the emotion (``ours``): "cbn" = class-conditional BatchNorm in every G block from one shared
-    # class embedding (BigGAN/SNGAN); "concat" = an embedding concatenated with z at the input only.
-    g_conditioning: Literal["cbn", "concat"] = "cbn"
+    # How G sees the emotion (``ours``): "concat" = an embedding concatenated with z at the input; "cbn" =
+    # class-conditional BatchNorm in every G block from one shared class embedding (BigGAN/SNGAN). concat is
+    # the default because it measured better at the quick start's budget (README, quality benchmark).
+    g_conditioning: Literal["concat", "cbn"] = "concat"
     # How D sees the emotion (``ours``): "projection" = score + <embed(c), x features> (Miyato & Koyama);
     # "concat" = an embedding of c fed into the joint MLP beside the x (and z) features.
     d_conditioning: Literal["projection", "concat"] = "projection"
+    # ADC-GAN's classifier head on D's x features (``ours``, conditional kinds): 2K logits, real-k vs fake-k.
+    # Trained by ``loss.adc_weight``; a head that knows about the generator, unlike a plain AC-GAN classifier.
+    d_class_head: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -119,7 +123,7 @@ class ModelConfig:
         self.width = float(self.width)
         if isinstance(self.mbstd_group, bool) or not isinstance(self.mbstd_group, int) or self.mbstd_group < 0:
             raise ConfigError(f"model.mbstd_group must be an integer >= 0 (0 = off), got {self.mbstd_group!r}")
-        for name in ("spectral_norm", "d_batchnorm", "channels_last"):
+        for name in ("spectral_norm", "d_batchnorm", "channels_last", "d_class_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         for name, allowed in (("g_conditioning", G_CONDITIONING), ("d_conditioning", D_CONDITIONING)):
@@ -132,6 +136,8 @@ class ModelConfig:
             if self.d_batchnorm:
                 raise ConfigError("model.d_batchnorm: the paper architecture's D has no BatchNorm; "
                                   "d_batchnorm applies to arch=ours only")
+        if self.d_class_head and (self.arch != "ours" or not self.conditional):
+            raise ConfigError("model.d_class_head: applies to arch=ours with a conditional kind (cgan, bicogan)")
 
     @property
     def conditional(self) -> bool:
@@ -329,11 +335,21 @@ class OursDiscriminator(nn.Module):
         self.projection = cfg.conditional and cfg.d_conditioning == "projection"
         parts = 1 + int(self.z_net is not None) + int(self.c_net is not None and not self.projection)
         self.joint = nn.Sequential(sn(nn.Linear(parts * H, 2 * H)), lrelu(), sn(nn.Linear(2 * H, 1)))
+        self.class_head = sn(nn.Linear(H, 2 * num_classes)) if cfg.d_class_head else None
         _init_dcgan(self)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
-                c: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, c: torch.Tensor | None = None,
+                with_class_logits: bool = False):
+        """The score; with ``with_class_logits`` also the 2K logits of ``class_head`` (real-k, then fake-k)."""
         phi = self.x_net(x)
+        score = self._score(phi, z, c)
+        if not with_class_logits:
+            return score
+        if self.class_head is None:
+            raise ValueError("D has no class head: build it with model.d_class_head=true")
+        return score, self.class_head(phi)
+
+    def _score(self, phi: torch.Tensor, z: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
         feats = [phi]
         if self.z_net is not None:
             feats.append(self.z_net(_need(z, "z", self.kind, "D")))

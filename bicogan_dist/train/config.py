@@ -118,6 +118,8 @@ class ExperimentConfig:
                               f"multiple of the minibatch-stddev group {group}, so groups would mix real and fake "
                               f"samples; choose a batch size that is, or model.mbstd_group "
                               f"{math.gcd(group, self.data.batch_size)} (0 = off)")
+        if self.loss.adc_weight > 0 and not self.model.d_class_head:
+            raise ConfigError("loss.adc_weight: needs model.d_class_head=true (the 2K-class head on D)")
         if self.loss.loss == "wgan_gp" and self.train.compile:
             raise ConfigError("train.compile: not supported with loss.loss=wgan_gp (double backward)")
 

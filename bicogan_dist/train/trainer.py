@@ -31,7 +31,7 @@ from bicogan_dist.data.manifest import ShardManifest
 from bicogan_dist.imaging import to_model_range
 from bicogan_dist.models import diffaugment
 from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty,
-                                        latent_cycle_loss, mode_seeking_loss)
+                                        adc_d_loss, adc_g_loss, latent_cycle_loss, mode_seeking_loss)
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig
@@ -133,6 +133,7 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
     efl_on = conditional and bidirectional
     latent_on = bidirectional and cfg.loss.latent_weight > 0
     mode_seeking = cfg.loss.mode_seeking_weight > 0
+    adc_on = conditional and cfg.loss.adc_weight > 0
 
     start_step = 0
     if start_ckpt is not None:
@@ -206,9 +207,17 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
             fake_t = (fake_d.detach(), z if bidirectional else None, c_fake)
             D_raw.requires_grad_(True)
             with engine.autocast():
-                scores = engine.d(*_cat(real_t, fake_t)).float()
+                if adc_on:
+                    scores, cls_logits = engine.d(*_cat(real_t, fake_t), with_class_logits=True)
+                else:
+                    scores = engine.d(*_cat(real_t, fake_t))
+            scores = scores.float()
             s_real, s_fake = scores[:b], scores[b:]
             loss_d = d_loss(cfg.loss, s_real, s_fake)
+            loss_adc_d = None
+            if adc_on:
+                loss_adc_d = adc_d_loss(cls_logits[:b], y, cls_logits[b:], c)
+                loss_d = loss_d + cfg.loss.adc_weight * loss_adc_d
             if cfg.loss.loss == "wgan_gp":
                 loss_d = loss_d + cfg.loss.gp_weight * gradient_penalty(D_raw, real_t, fake_t)
             if cfg.train.inject_nan_at_step == step + 1:
@@ -225,11 +234,16 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
             fake_t = (fake_d, z if bidirectional else None, c_fake)
             with engine.autocast():
                 if bidirectional:
-                    scores = D_raw(*_cat(real_t, fake_t)).float()
-                    g_real, g_fake = scores[:b], scores[b:]
+                    out = D_raw(*_cat(real_t, fake_t), with_class_logits=adc_on)
+                    scores, cls_fake = (out[0], out[1][b:]) if adc_on else (out, None)
+                    g_real, g_fake = scores.float()[:b], scores.float()[b:]
                 else:
-                    g_real, g_fake = None, D_raw(*fake_t).float()
+                    out = D_raw(*fake_t, with_class_logits=adc_on)
+                    scores, cls_fake = out if adc_on else (out, None)
+                    g_real, g_fake = None, scores.float()
             loss_adv = ge_loss(cfg.loss, g_real, g_fake)
+            if adc_on:
+                loss_adv = loss_adv + cfg.loss.adc_weight * adc_g_loss(cls_fake, c)
             gamma = efl_weight(step / per_epoch, cfg.loss.efl_alpha, cfg.loss.efl_rho, cfg.loss.efl_phi)
             loss_efl = efl_loss(c_logits.float(), y) if efl_on else torch.zeros((), device=device)
             loss_ge = loss_adv + gamma * loss_efl
@@ -263,6 +277,8 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
                 metrics["loss/latent_cycle"] = loss_latent
             if loss_ms is not None:
                 metrics["loss/mode_seeking"] = loss_ms
+            if loss_adc_d is not None:
+                metrics["loss/adc_d"] = loss_adc_d
             if efl_on:
                 metrics["encoder/batch_accuracy"] = (c_logits.argmax(1) == y).float().mean()
             for k, v in metrics.items():
