@@ -67,10 +67,9 @@ def find_checkpoint(source: str | Path) -> Path:
                           f"(runs/<name>/checkpoints/checkpoint-XXXXXXXX)")
     if not path.is_dir():
         raise ExportError(f"{path} is a file; give a run folder or a checkpoint folder")
-    try:
-        found = ckpt.resolve_checkpoint(str(path), path)
-    except ckpt.CheckpointError:
-        found = None
+    if (path / ckpt.STATE_FILE).is_file():
+        return path  # one checkpoint folder: reading its weights names any missing file
+    found = ckpt.resolve_checkpoint("latest", path, for_resume=False)
     if found is None:
         incomplete = sorted(ckpt.checkpoint_root(path).glob("checkpoint-*")) if ckpt.checkpoint_root(path).is_dir() \
             else []

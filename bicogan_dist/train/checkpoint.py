@@ -118,14 +118,16 @@ def load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
-def missing_files(folder: Path) -> list[str]:
-    """Files a complete checkpoint must hold that ``folder`` lacks (empty for a complete one)."""
+def missing_files(folder: Path, for_resume: bool = True) -> list[str]:
+    """Files ``folder`` lacks to resume from it (or, with ``for_resume=False``, to export its weights)."""
     try:
         state = read_state(folder)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return [STATE_FILE]
-    needed = [EMA_FILE] + ([unit_file(u) for u in UNITS] + [OPTIM_FILE] if state.get("engine", "ddp") == "ddp"
-                           else list(UNITS))
+    if state.get("engine", "ddp") == "ddp":
+        needed = [EMA_FILE, *(unit_file(u) for u in UNITS)] + ([OPTIM_FILE] if for_resume else [])
+    else:
+        needed = [EMA_FILE, *UNITS]
     return [name for name in needed if not (folder / name).exists()]
 
 
@@ -138,7 +140,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def resolve_checkpoint(resume: str, run_dir: str | Path, warn: bool = True) -> Path | None:
+def resolve_checkpoint(resume: str, run_dir: str | Path, warn: bool = True, for_resume: bool = True) -> Path | None:
     """``latest`` → newest complete checkpoint of the run (None if there is none); else a path.
 
     ``latest`` skips, with a warning, committed checkpoints that lack a file (damaged by
@@ -146,23 +148,23 @@ def resolve_checkpoint(resume: str, run_dir: str | Path, warn: bool = True) -> P
     checkpoint folder (which must be complete) or a run folder (then its newest complete one).
     """
     if resume == "latest":
-        return _newest_complete(run_dir, warn)
+        return _newest_complete(run_dir, warn, for_resume)
     path = Path(resume)
     if (path / STATE_FILE).is_file():
-        missing = missing_files(path)
+        missing = missing_files(path, for_resume)
         if missing:
-            raise CheckpointError(f"--resume {resume}: the checkpoint is incomplete (missing {', '.join(missing)})")
+            raise CheckpointError(f"{resume}: the checkpoint is incomplete (missing {', '.join(missing)})")
         return path
-    found = _newest_complete(path, warn)
+    found = _newest_complete(path, warn, for_resume)
     if found:
         return found
-    raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with "
+    raise CheckpointError(f"{resume}: not a checkpoint folder (no {STATE_FILE}) nor a run folder with "
                           f"complete checkpoints")
 
 
-def _newest_complete(run_dir: str | Path, warn: bool) -> Path | None:
+def _newest_complete(run_dir: str | Path, warn: bool, for_resume: bool) -> Path | None:
     for folder in reversed(list_checkpoints(run_dir)):
-        missing = missing_files(folder)
+        missing = missing_files(folder, for_resume)
         if not missing:
             return folder
         if warn:
