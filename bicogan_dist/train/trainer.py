@@ -5,9 +5,11 @@ the D update on (real, fake) tuples concatenated into one batch; then the G/E up
 through the plain D module with D frozen (so D's DDP hooks never fire in the G/E
 step), plus the extrinsic factor loss on E's emotion logits for real images and
 (unless ``loss.latent_weight`` is 0) the latent cycle loss ||E_z(G(z, c)) - z||^2.
+Optional terms, each a config weight: mode seeking over fake pairs (i, i + B/2) that share
+an emotion, ADC-GAN's real-k / fake-k head on D, and DiffAugment on every image D sees.
 
-Exact resume: the data order is a pure function of (seed, epoch, rank) and z of
-(seed, step, rank), so a checkpoint needs models, optimizers, scalers, EMA, each
+Exact resume: the data order is a pure function of (seed, epoch, rank) and z (and D's
+augmentation) of (seed, step, rank), so a checkpoint needs models, optimizers, scalers, EMA, each
 rank's torch RNG and the step; epoch and the EFL schedule's t follow from the step.
 """
 from __future__ import annotations
