@@ -22,20 +22,17 @@ in-memory modules, and only then moved into place: a failure leaves nothing half
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bicogan_dist.atomic_dir import replace_dir, temp_sibling
+from bicogan_dist.atomic_dir import atomic_output
 from bicogan_dist.config import ConfigError, from_dict, to_dict
 from bicogan_dist.train import checkpoint as ckpt
 
@@ -250,21 +247,9 @@ def _check_onnx(path: Path, G: nn.Module, z_dim: int, conditional: bool, num_cla
     return float(abs(out - ref).max())
 
 
-def _check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to replace an export without force, and anything that is not an export at all."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    if not out.is_dir():
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    foreign = [n for n in entries if n not in EXPORT_FILES]
-    if foreign:
-        raise ExportError(f"{out} holds files that are not part of an export ({', '.join(foreign[:5])}); "
-                          f"refusing to replace it, even with --force: pick another --out")
-    if not force:
-        raise ExportError(f"{out} already holds an export; pass --force to replace it, or pick another --out")
+def _owned(entry: Path) -> bool:
+    """What an export folder holds; anything else means the folder is not (only) an export."""
+    return entry.name in EXPORT_FILES
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -274,11 +259,16 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_checkpoint(source: str | Path, out: str | Path, onnx: bool = False, force: bool = False,
                       opset: int = ONNX_OPSET) -> Path:
     """Convert the checkpoint ``source`` (run or checkpoint folder) into the export folder ``out``."""
+    out = Path(out)
+    with atomic_output(out, force=force, what="an export", owned=_owned, error=ExportError) as tmp:
+        _write_export(find_checkpoint(source), tmp, onnx, opset)
+    return out
+
+
+def _write_export(folder: Path, tmp: Path, onnx: bool, opset: int) -> None:
+    """The checkpoint ``folder``'s export into the empty folder ``tmp``, verified by loading it back."""
     from bicogan_dist.models.networks import build_models, describe
 
-    out = Path(out)
-    _check_output_dir(out, force)
-    folder = find_checkpoint(source)
     state_path = folder / ckpt.STATE_FILE
     try:
         state = ckpt.read_state(folder)
@@ -320,31 +310,23 @@ def export_checkpoint(source: str | Path, out: str | Path, onnx: bool = False, f
         "source": {"checkpoint": str(folder.resolve()), "step": state.get("step"), "engine": state.get("engine", "ddp"),
                    "epoch": state.get("epoch"), "world_size": state.get("world_size")},
     }
-    tmp = temp_sibling(out)
-    try:
-        st_meta = {"format": EXPORT_FORMAT, "version": str(EXPORT_VERSION)}
-        save_file(_contiguous(G.state_dict()), str(tmp / GENERATOR_FILE), metadata={**st_meta, "part": "generator"})
-        if E is not None:
-            save_file(_contiguous(E.state_dict()), str(tmp / ENCODER_FILE), metadata={**st_meta, "part": "encoder"})
-        if onnx:
-            write_onnx(G, cfg.z_dim, cfg.conditional, tmp / ONNX_FILE, opset)
-            err = _check_onnx(tmp / ONNX_FILE, G, cfg.z_dim, cfg.conditional, num_classes)
-            if err is not None and err > 1e-4:
-                raise ExportError(f"{tmp / ONNX_FILE}: onnxruntime differs from torch by {err:.3g} (> 1e-4)")
-            meta["files"]["onnx"] = ONNX_FILE
-            meta["onnx"] = {"opset": opset, "inputs": {"z": ["batch", cfg.z_dim], **({"c": ["batch"]} if cfg.conditional
-                                                                                   else {})},
-                            "input_types": {"z": "float32", **({"c": "int64"} if cfg.conditional else {})},
-                            "output": {"x": ["batch", CHANNELS, IMAGE_SIZE, IMAGE_SIZE]},
-                            "max_abs_diff_vs_torch": err}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _verify_round_trip(tmp, G, E, cfg.z_dim, cfg.conditional, num_classes)
-        _check_output_dir(out, force)  # again: something may have appeared there meanwhile
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    st_meta = {"format": EXPORT_FORMAT, "version": str(EXPORT_VERSION)}
+    save_file(_contiguous(G.state_dict()), str(tmp / GENERATOR_FILE), metadata={**st_meta, "part": "generator"})
+    if E is not None:
+        save_file(_contiguous(E.state_dict()), str(tmp / ENCODER_FILE), metadata={**st_meta, "part": "encoder"})
+    if onnx:
+        write_onnx(G, cfg.z_dim, cfg.conditional, tmp / ONNX_FILE, opset)
+        err = _check_onnx(tmp / ONNX_FILE, G, cfg.z_dim, cfg.conditional, num_classes)
+        if err is not None and err > 1e-4:
+            raise ExportError(f"{tmp / ONNX_FILE}: onnxruntime differs from torch by {err:.3g} (> 1e-4)")
+        meta["files"]["onnx"] = ONNX_FILE
+        meta["onnx"] = {"opset": opset, "inputs": {"z": ["batch", cfg.z_dim], **({"c": ["batch"]} if cfg.conditional
+                                                                               else {})},
+                        "input_types": {"z": "float32", **({"c": "int64"} if cfg.conditional else {})},
+                        "output": {"x": ["batch", CHANNELS, IMAGE_SIZE, IMAGE_SIZE]},
+                        "max_abs_diff_vs_torch": err}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _verify_round_trip(tmp, G, E, cfg.z_dim, cfg.conditional, num_classes)
 
 
 def _verify_round_trip(export_dir: Path, G: nn.Module, E: nn.Module | None, z_dim: int, conditional: bool,
@@ -362,41 +344,3 @@ def _verify_round_trip(export_dir: Path, G: nn.Module, E: nn.Module | None, z_di
             a, b = E(x), loaded.E(x)
             if not all((p is None and q is None) or torch.equal(p, q) for p, q in zip(a, b)):
                 raise ExportError(f"{export_dir / ENCODER_FILE}: the reloaded encoder differs from the checkpoint's")
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="convert_checkpoint",
-        description="Convert a training checkpoint (DDP or DeepSpeed) into an export: generator.safetensors "
-                    "(EMA weights of G), encoder.safetensors (E, for bigan/bicogan), export.json, and with --onnx "
-                    "generator.onnx. Loading an export never unpickles.")
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                   help="a run folder (its newest complete checkpoint is used) or a checkpoint-XXXXXXXX folder")
-    p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="export folder (written atomically)")
-    p.add_argument("--onnx", action="store_true",
-                   help=f"also write {ONNX_FILE} (inputs z float32 (B, z_dim) and, for conditional kinds, "
-                        f"c int64 (B,); dynamic batch; opset {ONNX_OPSET})")
-    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET}, at least 17)")
-    p.add_argument("--force", action="store_true", help="replace an existing export in EXPORT_DIR")
-    args = p.parse_args(argv)
-    if args.opset < 17:
-        p.error("--opset must be at least 17")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (tools/convert_checkpoint.py): 0 on success, 2 with ``error: ...`` on bad input."""
-    args = parse_args(argv)
-    try:
-        out = export_checkpoint(args.source, args.out, onnx=args.onnx, force=args.force, opset=args.opset)
-    except (ExportError, ConfigError, ckpt.CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    meta = json.loads((out / META_FILE).read_text())
-    files = ", ".join(sorted(p.name for p in out.iterdir()))
-    print(f"exported {meta['model']['kind']} (step {meta['source']['step']}, {meta['source']['engine']}) "
-          f"to {out}: {files}")
-    return 0

@@ -1,4 +1,5 @@
-"""Sampling and emotion editing with an export (``tools/sample_images.py``).
+"""Sampling and emotion editing with an export (``tools/sample_images.py``, ``bicogan-sample``; flags parsed in
+``bicogan_dist/cli/sample.py``, which calls :func:`run`).
 
 One mode per call; every mode writes to ``--out``::
 
@@ -27,12 +28,9 @@ image has its own noise and a subset of emotions reproduces the same files.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -41,8 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bicogan_dist.atomic_dir import replace_dir, temp_sibling
-from bicogan_dist.export import ExportedModel, ExportError, load_export
+from bicogan_dist.atomic_dir import atomic_output
+from bicogan_dist.export import ExportedModel, load_export
 from bicogan_dist.imaging import labelled_grid, save_png, to_model_range, to_uint8
 
 GENERATED_SPLIT = "Generated"
@@ -313,18 +311,6 @@ def save_panel(panel: Panel, out: str | Path) -> Path:
 # --------------------------------------------------------------------------------- N per class
 
 
-def _check_generated_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise SampleError(f"{out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not (out / GENERATED_INFO).is_file():
-        raise SampleError(f"{out} is not empty and was not written by this tool (no {GENERATED_INFO}); "
-                          f"refusing to replace it, even with --force: pick another --out")
-    if not force:
-        raise SampleError(f"{out} already holds generated images; pass --force to replace them, or pick another --out")
-
-
 def _per_class_batches(model: ExportedModel, n: int, classes: Sequence[int], seed: int,
                        batch_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(class index, first image index, uint8 batch); image i of class k uses seed ``seed + k*n + i``."""
@@ -347,7 +333,6 @@ def write_per_class(model: ExportedModel, n: int, out: str | Path, fmt: str = "p
     if fmt not in ("png", "shards"):
         raise SampleError(f"--format must be png or shards, not {fmt!r}")
     out = Path(out)
-    _check_generated_out(out, force)
     classes = list(classes) if classes is not None else list(range(model.num_classes))
     width = max(5, len(str(n - 1)))
     info = {
@@ -356,8 +341,9 @@ def write_per_class(model: ExportedModel, n: int, out: str | Path, fmt: str = "p
         "seed_rule": "image i of class k (index in class_names) uses noise seed seed + k*per_class + i",
         "counts": {model.class_names[k]: n for k in classes},
     }
-    tmp = temp_sibling(out)
-    try:
+    # A non-empty folder is the tool's only when it holds generated.json; then every entry in it is.
+    with atomic_output(out, force=force, what="generated images", owned=lambda p: (p.parent / GENERATED_INFO).is_file(),
+                       error=SampleError) as tmp:
         batches = _per_class_batches(model, n, classes, seed, batch_size)
         if fmt == "png":
             for k, start, images in batches:
@@ -369,11 +355,6 @@ def write_per_class(model: ExportedModel, n: int, out: str | Path, fmt: str = "p
             info["split"] = GENERATED_SPLIT
             _write_generated_shards(model, batches, n, seed, classes, tmp, shard_size)
         (tmp / GENERATED_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        _check_generated_out(out, force)
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -406,59 +387,33 @@ def _write_generated_shards(model: ExportedModel, batches: Iterator[tuple[int, i
     ).save(folder)
 
 
-# ------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------- one call
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="sample_images",
-        description="Sample and edit faces with an export from tools/convert_checkpoint.py. One mode per call:\n"
-                    "  (default)             grid PNG: one row per emotion, one column per seed\n"
-                    "  --per-class N         N images per emotion: DIR/<emotion>/<index>.png, or --format shards\n"
-                    "                        (split 'Generated' + manifest.json, read like real shards)\n"
-                    "  --interpolate         per emotion a strip from seed A to seed B, then seed A across emotions\n"
-                    "  --transfer INPUT      each real face, G(E(x)) and G(E_z(x), c') for every emotion c'\n"
-                    "                        (needs a bigan/bicogan export; bigan: reconstruction only)",
-        epilog="Seeds: the noise of seed s is torch.randn(z_dim) from torch.Generator().manual_seed(s) on the CPU, "
-               "so outputs are reproducible on any device. --per-class: image i of class k uses seed S + k*N + i.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("export", metavar="EXPORT_DIR", help="export folder (export.json + safetensors)")
-    p.add_argument("--out", required=True, help="output PNG (grid, --interpolate, --transfer) or folder (--per-class)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--per-class", type=int, metavar="N", help="write N images per emotion into the --out folder")
-    mode.add_argument("--interpolate", action="store_true",
-                      help="strips from seed A to seed B per emotion, plus seed A across all emotions")
-    mode.add_argument("--transfer", metavar="INPUT",
-                      help="emotion transfer of real faces: an image, a folder of images, or SHARD_FOLDER:SPLIT "
-                           "(e.g. data_shards/fer2013:PrivateTest)")
-    p.add_argument("--seeds", default=None,
-                   help="grid: seeds as 0-7, 1,5,9 or a count (default 8 = 0-7); --interpolate: two seeds A,B "
-                        "(default 0,1)")
-    p.add_argument("--emotions", default=None, help="comma-separated emotions to show or generate (default all)")
-    p.add_argument("--format", choices=("png", "shards"), default="png",
-                   help="--per-class output layout (default png)")
-    p.add_argument("--seed", type=int, default=0, help="--per-class base seed S (default 0)")
-    p.add_argument("--shard-size", type=int, default=4000,
-                   help="--per-class --format shards: images per shard (default 4000)")
-    p.add_argument("--steps", type=int, default=8, help="--interpolate: images per strip (default 8)")
-    p.add_argument("--method", choices=("slerp", "linear"), default="slerp",
-                   help="--interpolate: path in z space (default slerp)")
-    p.add_argument("--limit", type=int, default=8, help="--transfer: at most this many faces, one row each (default 8)")
-    p.add_argument("--force", action="store_true", help="--per-class: replace a folder this tool wrote before")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    if args.limit < 1:
-        p.error("--limit must be at least 1")
-    if args.shard_size < 1:
-        p.error("--shard-size must be at least 1")
-    return args
+@dataclass
+class SampleRequest:
+    """One call of the sampling tool: the export, ``out``, the mode and its options (the CLI flags one to one)."""
+
+    export: str
+    out: str
+    per_class: int | None = None
+    interpolate: bool = False
+    transfer: str | None = None
+    seeds: str | None = None
+    emotions: str | None = None
+    format: str = "png"
+    seed: int = 0
+    shard_size: int = 4000
+    steps: int = 8
+    method: str = "slerp"
+    limit: int = 8
+    force: bool = False
+    device: str | None = None
+    batch_size: int = 256
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Carry out one parsed command line; returns what was written."""
+def run(args: SampleRequest) -> Path:
+    """Carry out one request (grid, --per-class, --interpolate or --transfer); returns what was written."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SampleError(f"--device {device}: CUDA is not available here; use --device cpu")
@@ -481,22 +436,3 @@ def run(args: argparse.Namespace) -> Path:
     else:
         panel = grid_panel(model, parse_seeds(args.seeds or "8"), classes, args.batch_size)
     return save_panel(panel, args.out)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (tools/sample_images.py): 0 on success, 2 with ``error: ...`` on bad input."""
-    from bicogan_dist.data.manifest import ShardError
-    from bicogan_dist.data.readers import DataFormatError
-
-    args = parse_args(argv)
-    try:
-        out = run(args)
-    except (SampleError, ExportError, ShardError, DataFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

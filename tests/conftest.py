@@ -32,7 +32,7 @@ def real_fer2013() -> Path:
 @pytest.fixture(scope="session")
 def real_fer2013_shards(real_fer2013: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real FER2013 sharded once per session with default options (six classes, nothing else dropped)."""
-    from bicogan_dist.data.shards import main
+    from bicogan_dist.cli.shard import main
 
     out = tmp_path_factory.mktemp("real") / "fer2013"
     assert main([str(real_fer2013), "--out", str(out), "--no-progress"]) == 0

@@ -37,7 +37,7 @@ def train(run_dir: Path, shards: Path, steps: int, *extra: str) -> subprocess.Co
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """Synthetic shards and a 2-step run with a checkpoint at each step (copied per test)."""
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
 
     base = tmp_path_factory.mktemp("ckpt")
     shards = base / "synthetic"

@@ -26,7 +26,7 @@ from bicogan_dist.config import ConfigError
 from bicogan_dist.train.engine_deepspeed import MISSING_DEEPSPEED, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "train_probe.py"
+PROBE = ["-m", "bicogan_dist.cli.probe"]  # accelerate launch runs the module on every rank
 SMOKE = ROOT / "launch_configs" / "experiments" / "smoke.yaml"
 CPU_2PROC = ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"
 DS_CONFIGS = ROOT / "launch_configs" / "deepspeed"
@@ -56,7 +56,7 @@ def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 def launch_probe(out: Path, shards: Path, run_dir: Path, *overrides: str, resume: bool = False) -> dict:
     """2 CPU processes through accelerate launch; returns the probe's per-rank results."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
-           "--main_process_port", str(free_port()), str(PROBE), str(out), "--config", str(SMOKE),
+           "--main_process_port", str(free_port()), *PROBE, str(out), "--config", str(SMOKE),
            f"data.shards={shards}", f"log.run_dir={run_dir}", *TINY, "train.engine=deepspeed", *overrides]
     proc = run(cmd)
     assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-4000:])
@@ -75,7 +75,7 @@ def assert_ranks_identical(tensors: list[dict[str, torch.Tensor]]) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
 
     out = tmp_path_factory.mktemp("shards") / "synthetic"
     assert shard_main(["--synthetic", "900", "--out", str(out)]) in (0, None)
@@ -149,7 +149,7 @@ def test_without_deepspeed_the_module_imports_and_the_engine_asks_for_it(shards,
         "import sys; sys.modules['deepspeed'] = None\n"
         "import bicogan_dist.train.engine_deepspeed as m\n"
         "try:\n    m.consolidated_weights('.')\nexcept ImportError as e:\n    print('export:', e, file=sys.stderr)\n"
-        "from bicogan_dist.train.__main__ import main\n"
+        "from bicogan_dist.cli.train import main\n"
         f"sys.exit(main(['--config', {str(SMOKE)!r}, 'data.shards={shards}', 'log.run_dir={tmp_path / 'run'}',"
         f" 'train.engine=deepspeed', 'train.deepspeed_config={DS_CONFIGS / 'zero2.json'}']))\n"
     )

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_in_process(shards: Path, run_dir: Path, *overrides: str) -> None:
-    from bicogan_dist.train.__main__ import main as train_main
+    from bicogan_dist.cli.train import main as train_main
 
     rc = train_main(["--config", str(SMOKE), f"data.shards={shards}", f"log.run_dir={run_dir}",
                      "train.max_steps=2", *TINY_GAN, *overrides])
@@ -38,9 +38,9 @@ def train_in_process(shards: Path, run_dir: Path, *overrides: str) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """Synthetic shards, a 2-step bicogan export, a 2-step gan export and a tiny classifier."""
-    from bicogan_dist.data.shards import main as shard_main
-    from bicogan_dist.evaluate.classifier import main as clf_main
-    from bicogan_dist.export import main as export_main
+    from bicogan_dist.cli.shard import main as shard_main
+    from bicogan_dist.cli.train_classifier import main as clf_main
+    from bicogan_dist.cli.export import main as export_main
 
     tmp = tmp_path_factory.mktemp("evaluate")
     shards = tmp / "shards"
@@ -84,7 +84,7 @@ def check_report(report: dict, shards: Path, split: str = "PrivateTest", num: in
 
 
 def test_evaluate_cli_writes_json_markdown_and_png(built):
-    from bicogan_dist.evaluate.report import main as evaluate_main
+    from bicogan_dist.cli.evaluate import main as evaluate_main
 
     out = built["tmp"] / "reports" / "REPORT.json"
     assert evaluate_main([str(built["bicogan"]), "--shards", str(built["shards"]), "--classifier", str(built["clf"]),
@@ -139,7 +139,7 @@ def test_training_evaluator_returns_flat_scalars(built):
 
 
 def test_evaluate_cli_reports_bad_inputs(built, tmp_path, capsys):
-    from bicogan_dist.evaluate.report import main as evaluate_main
+    from bicogan_dist.cli.evaluate import main as evaluate_main
 
     rc = evaluate_main([str(tmp_path), "--shards", str(built["shards"]), "--classifier", str(built["clf"]),
                         "--out", str(tmp_path / "r.json")])
@@ -221,7 +221,7 @@ def test_ablation_runs_all_seven_settings(built, tmp_path):
     assert "reusing" in proc.stdout and "| crop |" in proc.stdout
     # Another classifier is another feature space: the trained export is scored again, not reused or retrained.
     from bicogan_dist.data.manifest import sha256_file
-    from bicogan_dist.evaluate.classifier import main as clf_main
+    from bicogan_dist.cli.train_classifier import main as clf_main
 
     other = tmp_path / "clf_seed1"
     assert clf_main(["--shards", str(built["shards"]), "--out", str(other), *TINY_CLF, "--seed", "1"]) == 0

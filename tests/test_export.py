@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from bicogan_dist.config import from_dict, to_dict
-from bicogan_dist.export import ExportError, load_export, main as convert_main
+from bicogan_dist.cli.export import main as convert_main
+from bicogan_dist.export import ExportError, load_export
 from bicogan_dist.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +191,17 @@ def test_refuses_to_overwrite_without_force(bicogan, tmp_path, capsys):
     foreign.mkdir()
     (foreign / "todo.txt").write_text("mine")
     assert convert_main([str(bicogan["root"] / "run"), "--out", str(foreign), "--force"]) == 2
-    assert "not part of an export" in capsys.readouterr().err
+    assert f"error: {foreign} is not empty and holds files this tool did not write (todo.txt)" in \
+        capsys.readouterr().err
     assert (foreign / "todo.txt").read_text() == "mine"
+
+
+def test_failed_export_leaves_no_folder_it_made(tmp_path, capsys):
+    """A bad source with a new, nested --out: no temporary folder and none of the parents it created remain."""
+    out = tmp_path / "new" / "deeper" / "export"
+    assert convert_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'missing'} does not exist")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_folder_takes_newest_complete_checkpoint(tmp_path):
@@ -264,7 +274,7 @@ def test_export_of_a_real_two_step_run(engine, tmp_path):
     """The real trainer (2 steps, tiny nets, either engine) → convert → the export reproduces the EMA G and E."""
     from safetensors.torch import load_file
 
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
     from bicogan_dist.models.networks import build_models
 
     engine_args = []

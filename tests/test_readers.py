@@ -13,7 +13,7 @@ from conftest import FerRow, face, fer_rows, pixel_text
 from PIL import Image
 
 from bicogan_dist.data.readers import DataFormatError, open_source, parse_pixels
-from bicogan_dist.data.shards import main
+from bicogan_dist.cli.shard import main
 
 
 def assert_records_match(records, rows: list[FerRow], source_prefix: str) -> None:

@@ -37,7 +37,7 @@ def env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
 
     out = tmp_path_factory.mktemp("shards") / "synthetic"
     assert shard_main(["--synthetic", "900", "--out", str(out)]) in (0, None)

@@ -16,8 +16,9 @@ from PIL import Image
 
 from bicogan_dist.export import export_checkpoint, load_export
 from bicogan_dist.imaging import to_uint8
-from bicogan_dist.sample import (SampleError, generate, grid_panel, interpolation_panel, main as sample_main,
-                                 parse_seeds, read_faces, seed_noise, slerp, transfer_panel)
+from bicogan_dist.cli.sample import main as sample_main
+from bicogan_dist.sample import (SampleError, generate, grid_panel, interpolation_panel, parse_seeds, read_faces,
+                                 seed_noise, slerp, transfer_panel)
 from test_export import CLASS_NAMES, Z_DIM, make_checkpoint
 
 N_CLS = len(CLASS_NAMES)
@@ -61,7 +62,7 @@ def models(exports):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
 
     out = tmp_path_factory.mktemp("shards") / "synthetic"
     assert shard_main(["--synthetic", "120", "--out", str(out), "--no-progress", "--workers", "1"]) in (0, None)
@@ -138,6 +139,12 @@ def test_per_class_png_counts_refusal_force_and_determinism(exports, tmp_path, c
     assert sample_main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert sample_main(args + ["--force"]) == 0
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.png")} == files
+
+    (out / "generated.json").unlink()  # no longer recognisably this tool's folder: never replaced
+    assert sample_main(args + ["--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is not empty and holds files this tool did not write")
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.png")} == files
 
     subset = tmp_path / "subset"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,8 @@ from bicogan_dist.data.readers import open_source
 from bicogan_dist.data.shard_format import decode_sample
 from bicogan_dist.data.records import FaceRecord
 from bicogan_dist.data.shard_format import encode_sample
-from bicogan_dist.data.shards import TarShardWriter, main, write_split_shards, write_split_shards_parallel
+from bicogan_dist.cli.shard import main
+from bicogan_dist.data.shards import TarShardWriter, write_split_shards, write_split_shards_parallel
 from bicogan_dist.labels import EmotionLabels
 
 FAST = ["--workers", "1", "--no-progress"]
@@ -164,7 +166,8 @@ def test_output_with_foreign_files_is_never_replaced(tiny_fer_csv, tmp_path, cap
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     assert shard(tiny_fer_csv, out, "--force") == 2
-    assert "not empty and holds no shards" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is not empty") and "thesis.tex" in err and "even with --force" in err
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -198,6 +201,49 @@ def test_cli_script_exit_code_and_message(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "fer2013.csv" in proc.stderr and "empty file" in proc.stderr
     assert not out.exists()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (what a kill -9 leaves behind)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_folder_of_a_killed_run_is_removed_a_live_one_kept(tmp_path):
+    """Fault 9: a shard run killed with SIGKILL leaves <out>.tmp-...; the next run removes it, never a live run's."""
+    import socket
+
+    out = tmp_path / "shards"
+    host = socket.gethostname()
+    stale = tmp_path / f"shards.tmp-{host}-{dead_pid()}-0badc0de"
+    live = tmp_path / f"shards.tmp-{host}-{os.getpid()}-5afe5afe"
+    elsewhere = tmp_path / f"shards.tmp-{host}.other-{dead_pid()}-0e15e0e1"  # another host: cannot tell, keep
+    for folder in (stale, live, elsewhere):
+        folder.mkdir()
+        (folder / "Training-000000.tar").write_bytes(b"partial" * 1000)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "shard_fer2013.py"), "--no-progress", "--synthetic",
+                           "12", "--out", str(out), "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not stale.exists()
+    assert f"removed {stale}" in proc.stdout
+    assert live.is_dir() and (live / "Training-000000.tar").is_file()
+    assert elsewhere.is_dir()
+    assert ShardManifest.load(out).image_count == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["shards", live.name, elsewhere.name])
+
+
+def test_options_and_source_may_be_mixed_and_console_script_reports_an_occupied_out(tiny_fer_csv, tmp_path):
+    out = tmp_path / "shards"
+    script = Path(sys.executable).with_name("bicogan-shard")
+    assert script.is_file(), "pip install -e . registers the console scripts"
+    first = subprocess.run([str(script), "--out", str(out), "--no-progress", str(tiny_fer_csv), "--workers", "1"],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([str(script), "--no-progress", str(tiny_fer_csv), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert again.stderr == f"error: {out} already holds shards; pass --force to replace it, or pick another --out\n"
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "train_probe.py"
+PROBE = ["-m", "bicogan_dist.cli.probe"]  # accelerate launch runs the module on every rank
 SMOKE = ROOT / "launch_configs" / "experiments" / "smoke.yaml"
 CPU_2PROC = ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"
 TINY = ["model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout_size=32", "log.progress=false"]
@@ -52,7 +52,7 @@ def accelerate_cmd(*launch_args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
 
     out = tmp_path_factory.mktemp("shards") / "synthetic"
     assert shard_main(["--synthetic", "900", "--out", str(out)]) in (0, None)
@@ -79,7 +79,7 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
     out, run_dir = tmp_path / "probe", tmp_path / "run"
     proc = run(accelerate_cmd("--config_file", str(CPU_2PROC), "--main_process_port", str(free_port()),
-                              str(PROBE), str(out), "--config", str(SMOKE), f"data.shards={shards}",
+                              *PROBE, str(out), "--config", str(SMOKE), f"data.shards={shards}",
                               f"log.run_dir={run_dir}", *TINY, "train.max_steps=6", "log.log_every=2",
                               "log.image_every=3", "log.checkpoint_every=3", "log.keep_checkpoints=1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -209,7 +209,7 @@ def test_two_machines_on_loopback_form_one_job(shards, tmp_path):
     for machine in (0, 1):
         cmd = accelerate_cmd("--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
                              str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                             "--rdzv_backend", "static", str(PROBE), str(out), "--config", str(SMOKE),
+                             "--rdzv_backend", "static", *PROBE, str(out), "--config", str(SMOKE),
                              f"data.shards={shards}", f"log.run_dir={tmp_path / 'run'}", *TINY, "train.max_steps=4")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

@@ -32,7 +32,7 @@ BATCH = 128
 def ensure_shards(cache: Path) -> Path:
     """Shards to measure: the real FER2013 when available, else synthetic faces; made once, then reused."""
     from bicogan_dist.data.manifest import MANIFEST_NAME
-    from bicogan_dist.data.shards import main as shard_main
+    from bicogan_dist.cli.shard import main as shard_main
 
     if REAL_FER2013.is_file():
         out, args = cache / "fer2013", [str(REAL_FER2013)]

@@ -4,7 +4,7 @@
                                   [--engines ddp,zero1,zero2] [--repeats 1]
 
 Each engine runs the real trainer once under ``accelerate launch`` with
-launch_configs/accelerate/cpu_2proc.yaml (tests/train_probe.py wraps it and reports each rank's
+launch_configs/accelerate/cpu_2proc.yaml (bicogan_dist/train/probe.py wraps it and reports each rank's
 peak resident memory, ``resource.getrusage().ru_maxrss``). Prints one table: images/s (median
 of the logged 10-step intervals after the first, both ranks together), peak RSS of each rank,
 and the size of the final checkpoint. Runs are sequential in this one invocation (``--repeats N``
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ROOT / "tests" / "train_probe.py"
+PROBE = ["-m", "bicogan_dist.cli.probe"]  # accelerate launch runs the module on every rank
 ENGINES = {
     "ddp": ("ddp", None),
     "zero1": ("deepspeed", ROOT / "launch_configs" / "deepspeed" / "zero1.json"),
@@ -50,7 +50,7 @@ def run_engine(key: str, shards: Path, work: Path, args: argparse.Namespace, rep
         overrides.append(f"train.deepspeed_config={ds_config}")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-           str(PROBE), str(out), *overrides]
+           *PROBE, str(out), *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))  # DeepSpeed's comm op, compiled once
     env.pop("ACCELERATE_USE_CPU", None)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_engines_"))
     shards = args.shards
     if shards is None:
-        from bicogan_dist.data.shards import main as shard_main
+        from bicogan_dist.cli.shard import main as shard_main
 
         shards = work / "shards"
         shard_main(["--synthetic", "3000", "--out", str(shards)])

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     shards = args.shards
     if shards is None:
-        from bicogan_dist.data.shards import main as shard_main
+        from bicogan_dist.cli.shard import main as shard_main
 
         shards = tmp / "shards"
         shard_main(["--synthetic", "6000", "--out", str(shards)])

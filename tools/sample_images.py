@@ -5,7 +5,8 @@
     python tools/sample_images.py EXPORT_DIR --interpolate --out strip.png [--seeds 0,1] [--steps 8]
     python tools/sample_images.py EXPORT_DIR --transfer INPUT --out transfer.png [--limit 8]
 
-See ``--help`` and the docstring of bicogan_dist.sample (where the logic lives).
+See ``--help`` and the docstring of bicogan_dist.sample (where the logic lives). It only calls
+bicogan_dist.cli.sample.main (also the ``bicogan-sample`` console script).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bicogan_dist.sample import main  # noqa: E402
+from bicogan_dist.cli.sample import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

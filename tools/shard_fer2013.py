@@ -4,8 +4,8 @@
         [--drop-duplicates] [--drop-leaks] [--drop-blank] [--synthetic N] [--seed S] [--force]
 
 SOURCE: Kaggle fer2013.csv[.gz], icml_face_data.csv, torchvision's fer2013/ folder, or an
-image folder train|test/<emotion>/*.jpg. The logic is bicogan_dist.data.shards.main (also the
-``bicogan-shard`` console script); this file only makes it runnable from a checkout.
+image folder train|test/<emotion>/*.jpg. It only calls bicogan_dist.cli.shard.main (also the ``bicogan-shard``
+console script), so the tool runs from a checkout without installing.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bicogan_dist.data.shards import main  # noqa: E402
+from bicogan_dist.cli.shard import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

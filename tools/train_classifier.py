@@ -4,8 +4,8 @@
 
 Writes classifier.safetensors + classifier.json (architecture, class names, pixel range,
 feature dim, accuracy per held-out split, training time). Its penultimate layer is the
-feature space of FID/KID in tools/evaluate.py. The logic is
-bicogan_dist.evaluate.classifier.main; this file only makes it runnable from a checkout.
+feature space of FID/KID in tools/evaluate.py. It only calls
+bicogan_dist.cli.train_classifier.main (also the ``bicogan-train-classifier`` console script).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bicogan_dist.evaluate.classifier import main  # noqa: E402
+from bicogan_dist.cli.train_classifier import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,27 +1,26 @@
 """Write labelled faces as webdataset tar shards plus ``manifest.json``; the shard tool's library side.
 
-``python tools/shard_fer2013.py SOURCE --out DIR`` (or the ``bicogan-shard`` console script)
-runs :func:`main`: read any supported FER2013 layout (``readers``), report data quality over
-every image read (``quality``), drop what the options ask for, write per-split shards and the
-manifest into a temporary sibling folder ``DIR.tmp-XXXXXXXX`` and move it into place only when
-everything succeeded, so a failed run leaves nothing behind and never mixes old and new shards.
+``python tools/shard_fer2013.py SOURCE --out DIR`` (or the ``bicogan-shard`` console script; both parse
+in ``bicogan_dist/cli/shard.py``) runs :func:`build_shards`: read any supported FER2013 layout
+(``readers``), report data quality over every image read (``quality``), drop what the options ask
+for, write per-split shards and the manifest into a temporary sibling folder
+``DIR.tmp-<host>-<pid>-<hex>`` and move it into place only when everything succeeded
+(``bicogan_dist.atomic_dir``), so a failed run leaves nothing behind and never mixes old and new shards.
 
 Same input and options → byte-identical shards and manifest, whatever the number of workers.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from bicogan_dist.atomic_dir import replace_dir, temp_sibling
+from bicogan_dist.atomic_dir import atomic_output
 from bicogan_dist.data.manifest import MANIFEST_NAME, ShardEntry, ShardManifest, SplitInfo, sha256_file
 from bicogan_dist.data.records import IMAGE_SIZE, FaceRecord
 from bicogan_dist.data.shard_format import encode_sample
@@ -177,10 +176,6 @@ def write_split_shards_parallel(
 # ------------------------------------------------------------------------------------- shard tool
 
 
-class OutputExistsError(RuntimeError):
-    """The output folder already holds shards (or other files) and the run may not replace it."""
-
-
 @dataclass
 class ShardOptions:
     """Everything a shard run depends on besides the input (CLI flags one to one)."""
@@ -203,24 +198,9 @@ def _progress(total: int | None, desc: str, enabled: bool):
                 dynamic_ncols=True, leave=False)
 
 
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse to touch a folder that holds shards (unless force) or anything that is not ours."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder")
-    if not out.is_dir():
-        return
-    entries = [p for p in out.iterdir()]
-    ours = [p for p in entries if p.name == MANIFEST_NAME or (p.suffix == ".tar" and p.is_file())]
-    foreign = [p.name for p in entries if p not in ours]
-    if foreign and ours:
-        raise OutputExistsError(f"{out} holds shards and also other files ({', '.join(sorted(foreign)[:5])}); "
-                                "refusing to replace it, even with --force: move those files or pick another --out")
-    if foreign:
-        raise OutputExistsError(f"{out} is not empty and holds no shards ({', '.join(sorted(foreign)[:5])}); "
-                                "pick a new or empty folder for --out")
-    if ours and not force:
-        raise OutputExistsError(f"{out} already holds shards ({len(ours)} shard/manifest files); "
-                                "pass --force to replace them all, or pick another --out")
+def _owned(entry: Path) -> bool:
+    """What a shard folder holds: ``manifest.json`` and tar files (anything else is not the tool's)."""
+    return entry.name == MANIFEST_NAME or (entry.suffix == ".tar" and entry.is_file())
 
 
 def _read_records(src: "FerSource", map_fn: Callable,
@@ -261,7 +241,7 @@ def build_shards(source: str | Path | None, out: str | Path, options: ShardOptio
                  log: Callable[[str], None] = print) -> ShardManifest:
     """Read, check, filter and shard one FER2013 copy (or the synthetic set) into ``out``; returns the manifest.
 
-    Raises ``DataFormatError`` for bad input and ``OutputExistsError`` for an occupied ``out``;
+    Raises ``DataFormatError`` for bad input and ``atomic_dir.OutputExistsError`` for an occupied ``out``;
     in both cases nothing is written. One worker pool (when the input is big enough to pay for
     it) encodes the PNGs (and decodes image-folder files); results come back in input order.
     """
@@ -273,30 +253,29 @@ def build_shards(source: str | Path | None, out: str | Path, options: ShardOptio
     if (source is None) == (synthetic is None):
         raise ValueError("give exactly one of a SOURCE path and --synthetic N")
     out = Path(os.path.abspath(out))  # absolute, so "." or "x/.." still have a name and a parent for the swap
-    _check_output(out, opts.force)
     labels = EmotionLabels.make(opts.keep_disgust)
-    src = open_source(source) if synthetic is None else None
-    big = src.input_bytes >= _POOL_MIN_BYTES if src is not None else synthetic >= _POOL_MIN_IMAGES
-    with _worker_pool(opts.workers if big else 1) as pool:
-        if src is None:
-            records, description, read_report = _synthetic_records(synthetic, seed, labels)
-        else:
-            # Workers pay off for decoding images, not for CSV rows: shipping a row to a worker and the
-            # array back costs about as much CPU as parsing it (measured), so CSVs are parsed here.
-            parallel_read = pool is not None and src.layout == "image folder"
-            map_fn = partial(pool.imap, chunksize=_READ_CHUNK) if parallel_read else map
-            records, description, read_report = _read_records(src, map_fn, opts.progress)
-        manifest = _write_output(records, description, read_report, labels, out, opts, pool, log)
+    with atomic_output(out, force=opts.force, what="shards", owned=_owned, log=log) as tmp:
+        src = open_source(source) if synthetic is None else None
+        big = src.input_bytes >= _POOL_MIN_BYTES if src is not None else synthetic >= _POOL_MIN_IMAGES
+        with _worker_pool(opts.workers if big else 1) as pool:
+            if src is None:
+                records, description, read_report = _synthetic_records(synthetic, seed, labels)
+            else:
+                # Workers pay off for decoding images, not for CSV rows: shipping a row to a worker and the array
+                # back costs about as much CPU as parsing it (measured), so CSVs are parsed here.
+                parallel_read = pool is not None and src.layout == "image folder"
+                map_fn = partial(pool.imap, chunksize=_READ_CHUNK) if parallel_read else map
+                records, description, read_report = _read_records(src, map_fn, opts.progress)
+            manifest = _write_output(records, description, read_report, labels, tmp, opts, pool, log)
     for line in _summary_lines(manifest, out):
         log(line)
     return manifest
 
 
 def _write_output(records: list[FaceRecord], description: str, read_report: "ReadReport", labels: EmotionLabels,
-                  out: Path,
-                  opts: ShardOptions, pool: "multiprocessing.pool.Pool | None",
+                  tmp: Path, opts: ShardOptions, pool: "multiprocessing.pool.Pool | None",
                   log: Callable[[str], None]) -> ShardManifest:
-    """Quality report, drops, shards and manifest into a temporary sibling folder, then swapped into ``out``."""
+    """Quality report, drops, shards and manifest into the temporary folder ``tmp`` (swapped in by the caller)."""
     from bicogan_dist.data.quality import analyse, drop_decisions
 
     for line in read_report.lines():
@@ -314,23 +293,16 @@ def _write_output(records: list[FaceRecord], description: str, read_report: "Rea
     quality = analysis.report.to_dict()
     quality["reader"] = read_report.to_dict()
 
-    tmp = temp_sibling(out)
-    try:
-        splits: dict[str, SplitInfo] = {}
-        with _progress(sum(len(v) for v in by_split.values()), "writing shards", opts.progress) as bar:
-            for split in split_order:
-                entries, class_counts = write_split_shards_parallel(
-                    by_split[split], split, labels, tmp, opts.shard_size, pool, bar.update)
-                splits[split] = SplitInfo(count=len(by_split[split]), class_counts=class_counts, shards=entries)
-        manifest = ShardManifest(label_names=list(labels.names), splits=splits, source=description,
-                                 image_size=IMAGE_SIZE, quality=quality,
-                                 dropped=_dropped_counts(decisions, opts, read_report))
-        manifest.save(tmp)
-        _check_output(out, opts.force)  # again: another run may have written there meanwhile
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    splits: dict[str, SplitInfo] = {}
+    with _progress(sum(len(v) for v in by_split.values()), "writing shards", opts.progress) as bar:
+        for split in split_order:
+            entries, class_counts = write_split_shards_parallel(
+                by_split[split], split, labels, tmp, opts.shard_size, pool, bar.update)
+            splits[split] = SplitInfo(count=len(by_split[split]), class_counts=class_counts, shards=entries)
+    manifest = ShardManifest(label_names=list(labels.names), splits=splits, source=description,
+                             image_size=IMAGE_SIZE, quality=quality,
+                             dropped=_dropped_counts(decisions, opts, read_report))
+    manifest.save(tmp)
     return manifest
 
 
@@ -359,57 +331,3 @@ def _summary_lines(manifest: ShardManifest, out: Path) -> list[str]:
     lines.append(f"{'all':<12} {manifest.image_count:>7,}")
     lines.append(f"wrote {sum(len(s.shards) for s in manifest.splits.values())} shards and {MANIFEST_NAME} to {out}")
     return lines
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="shard_fer2013",
-        description="Turn a FER2013 copy (Kaggle fer2013.csv[.gz], icml_face_data.csv, torchvision's fer2013/ "
-                    "folder, or an image folder train|test/<emotion>/*.jpg) into webdataset shards per split "
-                    "plus manifest.json, with a data-quality report.")
-    p.add_argument("source", nargs="?", help="FER2013 file or folder (omit with --synthetic)")
-    p.add_argument("--out", required=True, help="output folder (created; written atomically)")
-    p.add_argument("--keep-disgust", action="store_true", help="keep disgust: seven classes instead of six")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard (default 4000)")
-    p.add_argument("--drop-duplicates", action="store_true",
-                   help="keep one image per exact-duplicate group (a Training one if any); drop groups whose "
-                        "labels conflict entirely")
-    p.add_argument("--drop-leaks", action="store_true", help="drop test-split images whose pixels occur in Training")
-    p.add_argument("--drop-blank", action="store_true", help="drop nearly blank images (pixel std < 5)")
-    p.add_argument("--synthetic", type=int, metavar="N", help="shard N built-in procedural faces instead of SOURCE")
-    p.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default 0)")
-    p.add_argument("--force", action="store_true", help="replace shards already in --out")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes encoding PNGs and decoding image files (default: CPU count, at most 8; "
-                        "1 = no extra processes; small inputs never start any)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    if (args.source is None) == (args.synthetic is None):
-        p.error("give exactly one of SOURCE and --synthetic N")
-    if args.shard_size < 1:
-        p.error("--shard-size must be at least 1")
-    if args.synthetic is not None and args.synthetic < 1:
-        p.error("--synthetic N needs N >= 1")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry (tools/shard_fer2013.py, ``bicogan-shard``): 0 on success, 2 with ``error: ...`` on bad input
-    or an occupied --out, 1 on an OS error. Uses worker processes: call it under ``if __name__ == "__main__"``."""
-    from bicogan_dist.data.readers import DataFormatError
-
-    args = parse_args(argv)
-    opts = ShardOptions(keep_disgust=args.keep_disgust, shard_size=args.shard_size,
-                        drop_duplicates=args.drop_duplicates, drop_leaks=args.drop_leaks,
-                        drop_blank=args.drop_blank, force=args.force, progress=not args.no_progress)
-    if args.workers is not None:
-        opts.workers = max(1, args.workers)
-    try:
-        build_shards(args.source, args.out, opts, synthetic=args.synthetic, seed=args.seed)
-    except (DataFormatError, OutputExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # disk full, no permission: not the input's fault, but no traceback either
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,4 +1,4 @@
-"""The paper's augmentation table, measured: ``tools/ablate_augmentations.py``.
+"""The paper's augmentation table, measured: ``tools/ablate_augmentations.py`` / ``bicogan-ablate`` (flags in ``cli/ablate.py``).
 
 The seed paper compared six imgaug augmentations for BiCoGAN on FER2013 by eye. This runs
 the seven settings (``none`` plus the six) for the same number of steps with the real
@@ -28,11 +28,8 @@ latest call.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,51 +225,3 @@ def ablation_markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Training and first evaluation of these settings: {spent:.0f} s; "
                   f"this call: {result['seconds']:.0f} s. Per-setting reports: `<out>/<setting>/report.md`.", ""]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI of tools/ablate_augmentations.py."""
-    p = argparse.ArgumentParser(
-        prog="ablate_augmentations",
-        description="Train BiCoGAN once per augmentation setting of the paper (none, affine_rotate, fliplr, "
-                    "affine_shear, crop, gamma_contrast, affine_scale) for the same number of steps, evaluate each, "
-                    "and print the paper's table with measured columns and verdicts.",
-        epilog="Extra key=value arguments are passed to every training run (e.g. model.width=0.5 data.batch_size=64).")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--classifier", required=True, metavar="CLASSIFIER_DIR")
-    p.add_argument("--steps", type=int, required=True, help="training steps per setting")
-    p.add_argument("--out", default="runs/ablation", help="output folder (default %(default)s)")
-    p.add_argument("--tolerance", type=float, default=0.10,
-                   help="relative FID change counted as 'same' (default %(default)s = 10%%)")
-    p.add_argument("--settings", default=None, help="comma-separated subset (none is always included)")
-    p.add_argument("--num-samples", type=int, default=500, help="generated faces per emotion for evaluation")
-    p.add_argument("--split", default=None, help="held-out split (default PrivateTest, or Test)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--baseline-repeats", type=int, default=1,
-                   help="train the no-augmentation baseline this many times with different seeds to show seed noise")
-    p.add_argument("--launch", default="",
-                   help='command that starts training instead of plain python, e.g. "accelerate launch '
-                        '--config_file launch_configs/accelerate/1gpu.yaml" (followed by -m bicogan_dist.train ...)')
-    p.add_argument("--configs", default=str(DEFAULT_CONFIGS), help="folder of the aug_*.yaml experiment configs")
-    p.add_argument("--device", default=None, help="evaluation device (default cuda when available)")
-    p.add_argument("--rerun", action="store_true", help="discard earlier results in --out and train again")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
-    if args.tolerance < 0:
-        p.error("--tolerance must be >= 0")
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    names = [n.strip() for n in args.settings.split(",") if n.strip()] if args.settings else None
-    from bicogan_dist.export import ExportError
-
-    try:
-        result = run_ablation(args.shards, args.classifier, args.steps, args.out, args.tolerance, args.overrides,
-                              names, args.num_samples, args.split, device, args.seed, shlex.split(args.launch),
-                              args.configs, args.rerun, args.baseline_repeats)
-    except (AblationError, ExportError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(ablation_markdown(result))
-    print(f"wrote {Path(args.out) / 'ablation.md'} and {Path(args.out) / 'ablation.json'}")
-    return 0

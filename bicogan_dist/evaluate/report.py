@@ -1,4 +1,4 @@
-"""Evaluation report files and the ``tools/evaluate.py`` command line.
+"""Evaluation report files of ``tools/evaluate.py`` / ``bicogan-evaluate`` (flags parsed in ``bicogan_dist/cli/evaluate.py``).
 
 ``python tools/evaluate.py EXPORT_DIR --shards DIR --classifier CLASSIFIER_DIR --out REPORT.json``
 writes REPORT.json (every number), REPORT.md (a readable summary that names the feature
@@ -7,10 +7,8 @@ library is needed).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -151,49 +149,13 @@ def write_report(report: dict[str, Any], out_json: str | Path) -> tuple[Path, Pa
     return js, md, png
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI of tools/evaluate.py: 0 on success, 2 with ``error: ...`` on bad input."""
-    import torch
-
-    p = argparse.ArgumentParser(
-        prog="evaluate",
-        description="Evaluate an export: conditional accuracy of G(z, c), FID/KID in the project's FER-classifier "
-                    "feature space (not Inception), encoder emotion accuracy, reconstruction error, emotion transfer.")
-    p.add_argument("export", metavar="EXPORT_DIR", help="an export folder (tools/convert_checkpoint.py)")
-    p.add_argument("--shards", required=True, help="real-data shard folder (Training + a held-out split)")
-    p.add_argument("--classifier", required=True, metavar="CLASSIFIER_DIR", help="tools/train_classifier.py output")
-    p.add_argument("--out", required=True, metavar="REPORT.json",
-                   help="report path; REPORT.md and REPORT_confusion.png are written beside it")
-    p.add_argument("--num-samples", type=int, default=500, help="generated faces per emotion (default %(default)s)")
-    p.add_argument("--split", default=None,
-                   help="held-out split (default PrivateTest, or Test for image-folder shards)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--transfer-limit", type=int, default=None,
-                   help="encode/transfer only the first N held-out faces (default all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.num_samples < 1:
-        p.error("--num-samples must be >= 1")
-    from bicogan_dist.config import ConfigError
-    from bicogan_dist.data.manifest import ShardError
-    from bicogan_dist.evaluate.evaluation import evaluate_export
-    from bicogan_dist.export import ExportError
-
-    try:
-        report = evaluate_export(args.export, args.shards, args.classifier, num_samples=args.num_samples,
-                                 split=args.split, device=args.device, seed=args.seed, kid_subsets=args.kid_subsets,
-                                 kid_subset_size=args.kid_subset_size, transfer_limit=args.transfer_limit)
-    except (ExportError, ShardError, ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    js, md, png = write_report(report, args.out)
+def summary_lines(report: dict[str, Any], written: Sequence[Path | None]) -> list[str]:
+    """The two lines the evaluate command prints: headline numbers and files, then the feature space."""
     ca = report.get("conditional_accuracy")
     enc = report.get("encoder_accuracy")
     reference = report["fid"]["real_Training_vs_" + report["settings"]["split"]]
-    print(f"conditional accuracy {_fmt(ca and ca['overall'], True)}, FID vs Training "
-          f"{report['fid']['generated_vs_Training']:.2f} (real reference {reference:.2f}), encoder accuracy "
-          f"{_fmt(enc and enc['overall'], True)}; wrote {js}, {md}" + (f", {png}" if png else ""))
-    print(f"feature space: {report['feature_space']}")
-    return 0
+    files = ", ".join(str(p) for p in written if p is not None)
+    return [f"conditional accuracy {_fmt(ca and ca['overall'], True)}, FID vs Training "
+            f"{report['fid']['generated_vs_Training']:.2f} (real reference {reference:.2f}), encoder accuracy "
+            f"{_fmt(enc and enc['overall'], True)}; wrote {files}",
+            f"feature space: {report['feature_space']}"]

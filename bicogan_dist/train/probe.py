@@ -1,17 +1,22 @@
-"""Run the real trainer in a launched process (either engine), then dump what the training tests and the bench compare.
+"""Run the real trainer in a launched process (either engine), then dump what the training tests and the engine
+benchmark compare across ranks and against consolidated checkpoints.
 
-Usage (under ``accelerate launch``): train_probe.py OUT_DIR [--config EXP.yaml] [key=value ...]
-Writes
+It lives in the library (not under tests/) because ``tools/bench_engines.py`` runs it too; its command line
+is ``bicogan_dist/cli/probe.py``:
+``accelerate launch [...] -m bicogan_dist.cli.probe OUT_DIR [--config EXP.yaml] [key=value ...]``. Writes
+
   OUT_DIR/rank<R>.safetensors  every parameter and buffer of G+E (``ge.*``) and D (``d.*``) as the live
                                modules hold them, the EMA (``ema.*``), and G's output on fixed inputs in
                                eval mode (``probe.z``, ``probe.c``, ``probe.G_out``);
   OUT_DIR/rank<R>.json         rank, world size, backend, step, engine, precision, ZeRO stage, DeepSpeed
                                micro batch, parameter dtypes, fp16 loss scales, peak RSS (ru_maxrss, KiB).
 """
+from __future__ import annotations
+
 import json
 import resource
-import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -25,7 +30,7 @@ PROBE_N = 8
 
 
 def probe_inputs(z_dim: int, num_classes: int, conditional: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fixed (z, c) the tests feed to G, live and consolidated."""
+    """The fixed (z, c) fed to G, live and consolidated, so outputs compare exactly."""
     z = torch.randn(PROBE_N, z_dim, generator=torch.Generator().manual_seed(PROBE_SEED))
     c = torch.arange(PROBE_N) % num_classes if conditional else None
     return z, c
@@ -33,6 +38,7 @@ def probe_inputs(z_dim: int, num_classes: int, conditional: bool) -> tuple[torch
 
 @torch.no_grad()
 def g_output(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """G(z, c) in eval mode (BatchNorm running statistics), leaving G's mode as it was."""
     was_training = G.training
     G.eval()
     try:
@@ -41,13 +47,10 @@ def g_output(G: torch.nn.Module, z: torch.Tensor, c: torch.Tensor | None) -> tor
         G.train(was_training)
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    args = sys.argv[2:]
-    config = None
-    if args[:1] == ["--config"]:
-        config, args = args[1], args[2:]
-    cfg = load_config(config, args)
+def run_probe(out: str | Path, config: str | Path | None = None, overrides: Sequence[str] = ()) -> Path:
+    """Train with ``config`` + ``overrides`` and write this rank's ``rank<R>.safetensors`` / ``.json`` into ``out``."""
+    out = Path(out)
+    cfg = load_config(config, list(overrides))
     result = train(cfg)
     engine = result.engine
     tensors = {}
@@ -78,7 +81,4 @@ def main() -> None:
         info.update({"zero_stage": engine.zero_stage, "micro_batch": engine.micro_batch_size,
                      "loss_scale": {u: engine.loss_scale(u) for u in ("ge", "d")}})
     (out / f"rank{engine.rank}.json").write_text(json.dumps(info))
-
-
-if __name__ == "__main__":
-    main()
+    return out

@@ -1,0 +1,36 @@
+"""The exit convention every command shares: a user's mistake is one ``error: ...`` line on stderr, never a traceback.
+
+Exit codes: 0 success, 2 a user error (bad input, bad flag value, occupied --out), 1 an OS error
+where a command reports it (disk full, no permission), 3 a non-finite training loss. argparse's own
+usage errors also exit 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Mapping
+
+USER_ERROR = 2
+OS_ERROR = 1
+NON_FINITE_LOSS = 3
+
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def fail(exc: BaseException | str, code: int = USER_ERROR) -> int:
+    """Print ``error: <exc>`` to stderr (flushed: ranks and subprocesses interleave) and return ``code``."""
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_command(action: Callable[[], int], errors: Mapping[ExceptionTypes, int]) -> int:
+    """``action()``'s exit code, or ``fail(exc, code)`` for the first entry of ``errors`` (in order) that matches.
+
+    Anything not listed propagates with its traceback: it is a bug, not the user's doing.
+    """
+    try:
+        return action()
+    except Exception as exc:
+        for types, code in errors.items():
+            if isinstance(exc, types):
+                return fail(exc, code)
+        raise

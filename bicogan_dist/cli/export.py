@@ -1,0 +1,64 @@
+"""``bicogan-export`` / ``tools/convert_checkpoint.py``: a training checkpoint (DDP or DeepSpeed) → an export folder.
+
+The work is :func:`bicogan_dist.export.export_checkpoint`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from bicogan_dist.cli.common import USER_ERROR, run_command
+from bicogan_dist.export import ONNX_FILE, ONNX_OPSET
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The converter's flags."""
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint",
+        description="Convert a training checkpoint (DDP or DeepSpeed) into an export: generator.safetensors "
+                    "(EMA weights of G), encoder.safetensors (E, for bigan/bicogan), export.json, and with --onnx "
+                    "generator.onnx. Loading an export never unpickles.")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder (its newest complete checkpoint is used) or a checkpoint-XXXXXXXX folder")
+    p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="export folder (written atomically)")
+    p.add_argument("--onnx", action="store_true",
+                   help=f"also write {ONNX_FILE} (inputs z float32 (B, z_dim) and, for conditional kinds, "
+                        f"c int64 (B,); dynamic batch; opset {ONNX_OPSET})")
+    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET}, at least 17)")
+    p.add_argument("--force", action="store_true", help="replace an existing export in EXPORT_DIR")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Flags → namespace; an opset below 17 exits 2 with argparse's usage message."""
+    p = build_parser()
+    args = p.parse_intermixed_args(argv)
+    if args.opset < 17:
+        p.error("--opset must be at least 17")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 on success (one line naming the export and its files), 2 with ``error: ...`` on bad input."""
+    from bicogan_dist.config import ConfigError
+    from bicogan_dist.export import META_FILE, ExportError, export_checkpoint
+    from bicogan_dist.train.checkpoint import CheckpointError
+
+    args = parse_args(argv)
+
+    def action() -> int:
+        out = export_checkpoint(args.source, args.out, onnx=args.onnx, force=args.force, opset=args.opset)
+        meta = json.loads((out / META_FILE).read_text())
+        files = ", ".join(sorted(p.name for p in out.iterdir()))
+        print(f"exported {meta['model']['kind']} (step {meta['source']['step']}, {meta['source']['engine']}) "
+              f"to {out}: {files}")
+        return 0
+
+    return run_command(action, {(ExportError, ConfigError, CheckpointError): USER_ERROR})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main())
