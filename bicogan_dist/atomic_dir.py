@@ -74,8 +74,18 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _zombie(pid: int) -> bool:
+    """A killed process its parent has not reaped yet still answers kill(pid, 0) but writes nothing (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].startswith("Z")
+
+
 def process_gone(host: str, pid: int) -> bool:
-    """True only when ``pid`` is known not to run: same host and no such process. Unsure means alive."""
+    """True only when ``pid`` is known not to run: same host and no such process (or only its zombie).
+    Unsure means alive."""
     if host != socket.gethostname():
         return False
     try:
@@ -84,7 +94,7 @@ def process_gone(host: str, pid: int) -> bool:
         return True
     except (PermissionError, OverflowError):  # another user's process, or not a pid at all: leave it be
         return False
-    return False
+    return _zombie(pid)
 
 
 def stale_siblings(out: Path) -> list[Path]:
