@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, run_command
+from bicogan_dist.cli.common import USER_ERROR, parse, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags → namespace; overrides may stand before, between or after the options."""
-    p = build_parser()
-    args = p.parse_intermixed_args(argv)
-    if args.tolerance < 0:
-        p.error("--tolerance must be >= 0")
-    return args
+    return parse(build_parser(), argv, [(lambda a: a.tolerance < 0, "--tolerance must be >= 0")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,14 +6,28 @@ usage errors also exit 2.
 """
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 USER_ERROR = 2
 OS_ERROR = 1
 NON_FINITE_LOSS = 3
 
 ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+#: (is_bad(args), message): a value check argparse's types cannot express.
+Check = tuple[Callable[[argparse.Namespace], bool], str]
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, checks: Sequence[Check] = ()
+          ) -> argparse.Namespace:
+    """Parse with ``parse_intermixed_args`` (positionals and options in any order, ``key=value`` overrides
+    before or after options), then run ``checks``: the first failing one exits 2 with argparse's usage line."""
+    args = parser.parse_intermixed_args(argv)
+    for is_bad, message in checks:
+        if is_bad(args):
+            parser.error(message)
+    return args
 
 
 def fail(exc: BaseException | str, code: int = USER_ERROR) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, run_command
+from bicogan_dist.cli.common import USER_ERROR, parse, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags → namespace; --num-samples below 1 exits 2 with argparse's usage message."""
-    p = build_parser()
-    args = p.parse_intermixed_args(argv)
-    if args.num_samples < 1:
-        p.error("--num-samples must be >= 1")
-    return args
+    return parse(build_parser(), argv, [(lambda a: a.num_samples < 1, "--num-samples must be >= 1")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

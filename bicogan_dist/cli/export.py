@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, run_command
+from bicogan_dist.cli.common import USER_ERROR, parse, run_command
 from bicogan_dist.export import ONNX_FILE, ONNX_OPSET
 
 
@@ -32,11 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags → namespace; an opset below 17 exits 2 with argparse's usage message."""
-    p = build_parser()
-    args = p.parse_intermixed_args(argv)
-    if args.opset < 17:
-        p.error("--opset must be at least 17")
-    return args
+    return parse(build_parser(), argv, [(lambda a: a.opset < 17, "--opset must be at least 17")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from bicogan_dist.cli.common import parse
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The probe's arguments: where to write, an experiment YAML and overrides."""
@@ -24,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """0 after this rank's files are written."""
     from bicogan_dist.train.probe import run_probe
 
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse(build_parser(), argv)
     run_probe(args.out, args.config, args.overrides)
     return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, run_command
+from bicogan_dist.cli.common import USER_ERROR, parse, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,15 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags → namespace; sizes below 1 exit 2 with argparse's usage message."""
-    p = build_parser()
-    args = p.parse_intermixed_args(argv)
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    if args.limit < 1:
-        p.error("--limit must be at least 1")
-    if args.shard_size < 1:
-        p.error("--shard-size must be at least 1")
-    return args
+    return parse(build_parser(), argv, [(lambda a: a.batch_size < 1, "--batch-size must be at least 1"),
+                                        (lambda a: a.limit < 1, "--limit must be at least 1"),
+                                        (lambda a: a.shard_size < 1, "--shard-size must be at least 1")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

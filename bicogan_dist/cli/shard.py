@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from bicogan_dist.cli.common import OS_ERROR, USER_ERROR, run_command
+from bicogan_dist.cli.common import OS_ERROR, USER_ERROR, parse, run_command
 from bicogan_dist.data.shards import DEFAULT_SHARD_SIZE
 
 
@@ -40,15 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Flags → namespace; contradictory or out-of-range values exit 2 with argparse's usage message."""
-    p = build_parser()
-    args = p.parse_intermixed_args(argv)
-    if (args.source is None) == (args.synthetic is None):
-        p.error("give exactly one of SOURCE and --synthetic N")
-    if args.shard_size < 1:
-        p.error("--shard-size must be at least 1")
-    if args.synthetic is not None and args.synthetic < 1:
-        p.error("--synthetic N needs N >= 1")
-    return args
+    return parse(build_parser(), argv, [
+        (lambda a: (a.source is None) == (a.synthetic is None), "give exactly one of SOURCE and --synthetic N"),
+        (lambda a: a.shard_size < 1, "--shard-size must be at least 1"),
+        (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Sequence
 
-from bicogan_dist.cli.common import NON_FINITE_LOSS, USER_ERROR, run_command
+from bicogan_dist.cli.common import NON_FINITE_LOSS, USER_ERROR, parse, run_command
 
 
 def _evaluator_factory(cfg) -> Callable | None:
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bicogan_dist.train.config import load_config
     from bicogan_dist.train.trainer import NonFiniteLossError, train
 
-    args = build_parser().parse_intermixed_args(argv)  # overrides may stand before or after --resume
+    args = parse(build_parser(), argv)  # overrides may stand before or after --resume
 
     def action() -> int:
         cfg = load_config(args.config, args.overrides)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, run_command
+from bicogan_dist.cli.common import USER_ERROR, parse, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bicogan_dist.data.manifest import ShardError, ShardManifest
     from bicogan_dist.evaluate.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifier
 
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse(build_parser(), argv)
 
     def action() -> int:
         widths = _ints(args.widths)
