@@ -35,7 +35,8 @@ def _sibling(out: Path, kind: str) -> Path:
 
 
 def temp_sibling(out: Path) -> Path:
-    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic), named after its owner."""
+    """A fresh temporary folder beside ``out`` (same filesystem, so the final rename is atomic), named after
+    its owner (so a later run can tell whether it is stale)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "tmp")
     tmp.mkdir()

@@ -1,4 +1,6 @@
-"""``bicogan-train-classifier`` / ``tools/train_classifier.py``: train and export the FER classifier (the measuring stick).
+"""``bicogan-train-classifier`` / ``tools/train_classifier.py``: train and export the FER classifier.
+
+The classifier is the measuring stick of evaluation (accuracy, FID/KID features).
 
 The work is :func:`bicogan_dist.evaluate.classifier.train_classifier`.
 """

@@ -1,4 +1,6 @@
-"""The paper's augmentation table, measured: ``tools/ablate_augmentations.py`` / ``bicogan-ablate`` (flags in ``cli/ablate.py``).
+"""The paper's augmentation table, measured: ``tools/ablate_augmentations.py`` / ``bicogan-ablate``.
+
+Flags are parsed in ``bicogan_dist/cli/ablate.py``, which calls :func:`run_ablation`.
 
 The seed paper compared six imgaug augmentations for BiCoGAN on FER2013 by eye. This runs
 the seven settings (``none`` plus the six) for the same number of steps with the real

@@ -1,4 +1,6 @@
-"""Evaluation report files of ``tools/evaluate.py`` / ``bicogan-evaluate`` (flags parsed in ``bicogan_dist/cli/evaluate.py``).
+"""Evaluation report files of ``tools/evaluate.py`` / ``bicogan-evaluate``.
+
+Flags are parsed in ``bicogan_dist/cli/evaluate.py``.
 
 ``python tools/evaluate.py EXPORT_DIR --shards DIR --classifier CLASSIFIER_DIR --out REPORT.json``
 writes REPORT.json (every number), REPORT.md (a readable summary that names the feature
