@@ -173,18 +173,31 @@ def test_mean_pairwise_distance_known_cases():
 
 
 # ----------------------------------------------------------------------------- mode seeking
-def test_mode_seeking_loss_is_latent_over_image_distance_of_the_two_halves():
+def test_mode_seeking_loss_is_latent_over_image_distance_of_interleaved_pairs():
     from bicogan_dist.models.losses import mode_seeking_loss
 
-    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 3.0]])  # |z1 - z2| mean = (2 + 0 + 0 + 2) / 4 = 1
+    # pairs (0, 1) and (2, 3): |z1 - z2| mean = (1 + 1 + 1 + 3) / 4 = 1.5
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [1.0, 3.0]])
     fake = torch.zeros(4, 1, 2, 2)
-    fake[2:] = 0.5  # every pixel differs by 0.5 between the halves
-    assert float(mode_seeking_loss(fake, z)) == pytest.approx(1.0 / 0.5, rel=1e-4)
+    fake[1::2] = 0.5  # every pixel differs by 0.5 within each pair
+    assert float(mode_seeking_loss(fake, z)) == pytest.approx(1.5 / 0.5, rel=1e-4)
     same = mode_seeking_loss(torch.zeros(4, 1, 2, 2), z)  # G ignoring z: the loss explodes
     assert float(same) > 1e4
     g = torch.zeros(4, 1, 2, 2, requires_grad=True)
     (mode_seeking_loss(g + fake, z)).backward()
-    assert g.grad[:2].sum() > 0 > g.grad[2:].sum()  # pushes the halves apart
+    assert g.grad[0::2].sum() > 0 > g.grad[1::2].sum()  # pushes the members of each pair apart
+
+
+def test_pooled_mode_seeking_ignores_pixel_noise_that_averages_out():
+    from bicogan_dist.models.losses import LossConfig, mode_seeking_loss
+
+    z = torch.tensor([[0.0], [1.0]])
+    checker = (torch.arange(4).view(1, 4) + torch.arange(4).view(4, 1)) % 2 * 2.0 - 1.0  # +-1 pixel noise
+    fake = torch.stack([checker, -checker]).unsqueeze(1)  # the pair differs everywhere by 2, in texture only
+    assert float(mode_seeking_loss(fake, z)) == pytest.approx(1.0 / 2.0, rel=1e-4)
+    assert float(mode_seeking_loss(fake, z, pool=2)) > 1e4  # pooled, the two are the same image
+    with pytest.raises(ConfigError, match="loss.mode_seeking_pool"):
+        LossConfig(mode_seeking_pool=5)
 
 
 # ----------------------------------------------------------------------------- ADC-GAN head
@@ -223,3 +236,18 @@ def test_adc_weight_needs_the_head():
     with pytest.raises(ConfigError, match="loss.adc_weight: needs model.d_class_head"):
         load_config(None, ["loss.adc_weight=1"])
     assert load_config(None, ["loss.adc_weight=1", "model.d_class_head=true"]).loss.adc_weight == 1.0
+
+
+# ----------------------------------------------------------------------------- batch arrangement
+def test_batches_sorted_by_emotion_keep_pairs_and_put_one_emotion_in_each_mbstd_group():
+    from bicogan_dist.train.trainer import arrange_batch
+
+    y = torch.tensor([3, 0, 3, 1, 0, 3, 1, 0])
+    x = y.view(-1, 1, 1, 1).float() * 10 + torch.arange(8).view(-1, 1, 1, 1)  # each image remembers its label
+    xs, ys, c = arrange_batch(x, y, sort_by_emotion=True, pair_fakes=True)
+    assert ys.tolist() == [0, 0, 0, 1, 1, 3, 3, 3]
+    assert torch.equal(xs.view(-1).div(10).floor().long(), ys)  # images moved with their labels
+    assert c.tolist() == [0, 0, 0, 0, 1, 1, 3, 3]  # pairs (2i, 2i + 1) share an emotion
+    assert torch.equal(c[0::2], c[1::2])
+    _, same_y, same_c = arrange_batch(x, y, sort_by_emotion=False, pair_fakes=False)
+    assert torch.equal(same_y, y) and same_c is same_y

@@ -67,22 +67,30 @@ class Preset:
     description: str = ""
 
 
-#: The default before this benchmark existed, as overrides of today's defaults.
-BEFORE = ("model.d_conditioning=concat", "loss.real_emotion=encoder", "loss.mode_seeking_weight=0")
+#: The first default of this benchmark (2026-12-02), as overrides of today's defaults.
+PREVIOUS = ("loss.loss=bce", "loss.mode_seeking_weight=1", "loss.latent_weight=1", "model.mbstd_by_class=false",
+            "augment.ops=[affine_rotate]")
+#: The default before this benchmark existed.
+BEFORE = ("loss.loss=bce", "loss.latent_weight=1", "model.mbstd_by_class=false", "augment.ops=[affine_rotate]",
+          "model.d_conditioning=concat", "loss.real_emotion=encoder")
 
 _ABLATIONS = (
     Row("default", "quickstart", (), "the default recipe, seed 0"),
     Row("default_seed1", "quickstart", ("train.seed=1",), "the same, seed 1: the noise of one row"),
-    Row("before", "quickstart", BEFORE, "the previous default: emotion concatenated in D, E's c in real tuples, "
-                                         "no mode seeking"),
+    Row("previous", "quickstart", PREVIOUS, "the previous default: bce, mode seeking, latent cycle, mixed-emotion "
+                                            "minibatch-stddev groups, rotation"),
+    Row("before", "quickstart", BEFORE, "the default before the benchmark: emotion concatenated in D, E's c in real "
+                                        "tuples, no mode seeking"),
+    Row("rotate", "quickstart", ("augment.ops=[affine_rotate]",), "rotation of the real images (the paper's)"),
+    Row("bce", "quickstart", ("loss.loss=bce",), "non-saturating loss instead of hinge"),
+    Row("mbstd_mixed", "quickstart", ("model.mbstd_by_class=false",), "minibatch-stddev groups of mixed emotions"),
+    Row("mode_seeking", "quickstart", ("loss.mode_seeking_weight=1", "loss.mode_seeking_pool=4"),
+        "mode seeking on 4x4-pooled images"),
+    Row("latent_cycle", "quickstart", ("loss.latent_weight=1",), "latent cycle loss"),
     Row("g_cbn", "quickstart", ("model.g_conditioning=cbn",), "class-conditional BatchNorm in G"),
     Row("d_concat", "quickstart", ("model.d_conditioning=concat",), "emotion concatenated in D, no projection"),
-    Row("hinge", "quickstart", ("loss.loss=hinge",), "hinge loss instead of non-saturating"),
     Row("real_c_encoder", "quickstart", ("loss.real_emotion=encoder",), "softmax(E_c(x)) in real tuples"),
     Row("diffaugment", "quickstart", ("loss.diffaugment=[translation,cutout]",), "DiffAugment on D's inputs"),
-    Row("no_mode_seeking", "quickstart", ("loss.mode_seeking_weight=0",), "no mode-seeking term"),
-    Row("no_latent_cycle", "quickstart", ("loss.latent_weight=0",), "no latent cycle loss"),
-    Row("no_mbstd", "quickstart", ("model.mbstd_group=0",), "no minibatch-stddev channel in D"),
     Row("ttur", "quickstart", ("optim.lr_d=4e-4", "optim.lr_ge=1e-4"), "TTUR learning rates"),
     Row("adc", "quickstart", ("model.d_class_head=true", "loss.adc_weight=1"),
         "ADC-GAN's real-k / fake-k head on D"),

@@ -98,6 +98,9 @@ class ModelConfig:
     spectral_norm: bool = True  # spectral norm on every D layer (``ours``; ignored by ``paper``)
     d_batchnorm: bool = False  # BatchNorm in D's conv stack (``ours``); off by default: DDP trap, docs/architecture.md §4
     mbstd_group: int = 4  # D's minibatch-stddev group (``ours``; 0 = off): lets D see a lack of variety
+    # The trainer sorts each batch by emotion, so a minibatch-stddev group holds one emotion and D sees a G that
+    # draws one face per emotion (mixed-emotion groups vary whether or not z is used).
+    mbstd_by_class: bool = True
     channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
     # How G sees the emotion (``ours``): "concat" = an embedding concatenated with z at the input; "cbn" =
     # class-conditional BatchNorm in every G block from one shared class embedding (BigGAN/SNGAN). concat is
@@ -123,7 +126,7 @@ class ModelConfig:
         self.width = float(self.width)
         if isinstance(self.mbstd_group, bool) or not isinstance(self.mbstd_group, int) or self.mbstd_group < 0:
             raise ConfigError(f"model.mbstd_group must be an integer >= 0 (0 = off), got {self.mbstd_group!r}")
-        for name in ("spectral_norm", "d_batchnorm", "channels_last", "d_class_head"):
+        for name in ("spectral_norm", "d_batchnorm", "channels_last", "d_class_head", "mbstd_by_class"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         for name, allowed in (("g_conditioning", G_CONDITIONING), ("d_conditioning", D_CONDITIONING)):

@@ -171,15 +171,14 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
             if batches is None or in_epoch == 0:
                 batches = data.epoch(epoch, start_batch=in_epoch)
             x_u8, y = next(batches)
+            x_u8, y, c = arrange_batch(x_u8, y, conditional and cfg.model.mbstd_by_class, conditional and mode_seeking)
+            c = c if conditional else None
             x = to_model_range(x_u8)
             if cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             b = x.shape[0]
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
             z = torch.randn(b, cfg.model.z_dim, device=device, generator=gen)
-            c = y if conditional else None
-            if mode_seeking and conditional:  # fakes in pairs (i, i + b/2) share an emotion
-                c = torch.cat([y[: b // 2], y[: b // 2], y[2 * (b // 2):]])
             want_norm = (step + 1) % cfg.log.log_every == 0
 
             # One forward of G and E, shared by both updates.
@@ -255,7 +254,7 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
                 loss_ge = loss_ge + cfg.loss.latent_weight * loss_latent
             loss_ms = None
             if mode_seeking:
-                loss_ms = mode_seeking_loss(fake, z)
+                loss_ms = mode_seeking_loss(fake, z, pool=cfg.loss.mode_seeking_pool)
                 loss_ge = loss_ge + cfg.loss.mode_seeking_weight * loss_ms
             norm_ge = engine.step("ge", loss_ge, want_norm)
             update_ema(G_ema, ge_raw.G, ema_decay_at(step, cfg.train.ema_decay))
@@ -325,6 +324,26 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
         stop.restore()
         monitor.close()
     return TrainResult(run_dir, step, engine, G_ema)
+
+
+def arrange_batch(x: torch.Tensor, y: torch.Tensor, sort_by_emotion: bool,
+                  pair_fakes: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real batch (x, y) and the emotions c of the fake batch drawn beside it.
+
+    ``sort_by_emotion``: x and y are reordered by emotion (stable), so that D's minibatch-stddev
+    groups of consecutive samples hold one emotion, for the reals and, since c follows y, for the
+    fakes: a G that draws one face per emotion then shows a zero spread that real groups never have.
+    ``pair_fakes``: fakes (2i, 2i + 1) share an emotion, for the mode-seeking term.
+    """
+    if sort_by_emotion:
+        order = torch.argsort(y, stable=True)
+        x, y = x[order], y[order]
+    c = y
+    if pair_fakes:
+        n = 2 * (y.shape[0] // 2)
+        c = y.clone()
+        c[1:n:2] = y[0:n:2]
+    return x, y, c
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
