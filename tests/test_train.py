@@ -234,3 +234,5 @@ def test_every_experiment_config_validates(path):
     if path.stem == "bicogan_paper":
         assert (cfg.model.arch, cfg.loss.latent_weight, cfg.data.batch_size) == ("paper", 0.0, 128)
         assert (cfg.loss.loss, cfg.loss.real_emotion, cfg.loss.diffaugment) == ("bce", "encoder", [])
+        assert (cfg.loss.mode_seeking_weight, cfg.model.mbstd_by_class) == (0.0, False)
+        assert (cfg.optim.lr_ge, cfg.optim.lr_d, cfg.optim.beta1, cfg.optim.beta2) == (2e-4, 2e-4, 0.5, 0.999)

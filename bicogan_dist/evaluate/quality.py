@@ -69,10 +69,10 @@ class Preset:
 
 #: The first default of this benchmark (2026-12-02), as overrides of today's defaults.
 PREVIOUS = ("loss.loss=bce", "loss.mode_seeking_weight=1", "loss.latent_weight=1", "model.mbstd_by_class=false",
-            "augment.ops=[affine_rotate]")
+            "augment.ops=[affine_rotate]", "optim.beta1=0.5", "optim.beta2=0.999")
 #: The default before this benchmark existed.
 BEFORE = ("loss.loss=bce", "loss.latent_weight=1", "model.mbstd_by_class=false", "augment.ops=[affine_rotate]",
-          "model.d_conditioning=concat", "loss.real_emotion=encoder")
+          "optim.beta1=0.5", "optim.beta2=0.999", "model.d_conditioning=concat", "loss.real_emotion=encoder")
 
 _ABLATIONS = (
     Row("default", "quickstart", (), "the default recipe, seed 0"),
@@ -81,6 +81,7 @@ _ABLATIONS = (
                                             "minibatch-stddev groups, rotation"),
     Row("before", "quickstart", BEFORE, "the default before the benchmark: emotion concatenated in D, E's c in real "
                                         "tuples, no mode seeking"),
+    Row("adam_beta05", "quickstart", ("optim.beta1=0.5", "optim.beta2=0.999"), "Adam betas (0.5, 0.999), the paper's"),
     Row("rotate", "quickstart", ("augment.ops=[affine_rotate]",), "rotation of the real images (the paper's)"),
     Row("bce", "quickstart", ("loss.loss=bce",), "non-saturating loss instead of hinge"),
     Row("mbstd_mixed", "quickstart", ("model.mbstd_by_class=false",), "minibatch-stddev groups of mixed emotions"),
