@@ -8,6 +8,7 @@ from bicogan_dist.config import ConfigError
 from bicogan_dist.data.manifest import ShardError
 from bicogan_dist.train.checkpoint import CheckpointError
 from bicogan_dist.train.config import load_config
+from bicogan_dist.train.launcher import report_error
 from bicogan_dist.train.trainer import NonFiniteLossError, train
 
 
@@ -40,14 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
     except (ConfigError, ShardError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _fail(exc, 2)
     except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
+        return _fail(exc, 3)
     if result.engine.is_main:
         print(f"done: {result.run_dir} at step {result.step}", flush=True)
     return 0
+
+
+def _fail(exc: Exception, code: int) -> int:
+    """Print the ``error:`` line and, under a launcher, make it the root cause in torchrun's failure report."""
+    message = f"error: {exc}"
+    print(message, file=sys.stderr, flush=True)
+    report_error(message)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""How a rank lives under a launcher (``accelerate launch`` / torchrun): it stops when the launcher dies, and
+tells the launcher why it failed.
+
+Under ``accelerate launch`` with more than one process, the ranks are children of torchrun's
+elastic agent, which runs inside the launcher process itself (``accelerate launch`` calls
+torchrun in-process). A launcher killed with SIGKILL cannot pass anything on, so its ranks would
+train on as orphans, writing checkpoints nobody asked for. :func:`stop_with_launcher` asks Linux
+to send this rank SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``); the trainer turns
+SIGTERM into "finish the step, save a checkpoint, exit", and the stop is agreed over ranks, so a
+job whose launcher on one node died stops everywhere with a good checkpoint.
+
+:func:`report_error` writes the trainer's ``error:`` line into the file torchrun names in
+``TORCHELASTIC_ERROR_FILE``, so the launcher's failure report shows that line as the root cause
+instead of "To enable traceback see: ...".
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+
+#: linux/prctl.h
+PR_SET_PDEATHSIG = 1
+#: Set by torchrun's agent (hence by ``accelerate launch`` with 2+ processes) in every rank's environment.
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
+#: Set by ``accelerate launch`` in the one process it starts itself (single-process launch configs).
+ACCELERATE_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def started_by_launcher() -> bool:
+    """True in a rank that ``accelerate launch`` or torchrun started (their environment says so)."""
+    return TORCHRUN_ENV in os.environ or ACCELERATE_ENV in os.environ
+
+
+def stop_with_launcher() -> bool:
+    """Have SIGTERM delivered to this process when its launcher (its parent) dies; True when armed.
+
+    Only in ranks a launcher started: a plain ``python -m bicogan_dist.train`` (say under nohup)
+    must outlive the shell that started it. The parent may already be gone when this runs (the
+    launcher killed during start-up): then this process was re-parented before the request and
+    no signal would ever come, so it sends itself SIGTERM now. Linux only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux") or not started_by_launcher():
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        print(f"warning: cannot arrange to stop with the launcher (prctl: {os.strerror(errno)})", file=sys.stderr,
+              flush=True)
+        return False
+    # Our launcher is never init: a parent of 1 means it died before this process could ask.
+    if os.getppid() != parent or parent == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def report_error(message: str) -> None:
+    """Hand ``message`` (the trainer's ``error:`` line) to torchrun's failure report, when a launcher asked for it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as fh:
+            json.dump({"message": message, "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass  # the message is on stderr already; the report only repeats it
