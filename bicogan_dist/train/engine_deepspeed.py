@@ -1,11 +1,12 @@
 """DeepSpeed ZeRO (stage 1 or 2) as the trainer's engine: the same loop, two ``deepspeed.initialize`` engines.
 
 ``train.engine=deepspeed train.deepspeed_config=launch_configs/deepspeed/zero2.json`` swaps the
-Accelerate DDP engine (``engine.py``) for this one (both implement ``engine_base.Engine``); the trainer, the experiment YAMLs and the
-launch command (``accelerate launch`` with the plain DDP launch configs) stay the same.
+Accelerate DDP engine (``engine.py``) for this one; both implement ``engine_base.Engine``, and the
+trainer, the experiment YAMLs and the launch command (``accelerate launch`` with the plain DDP
+launch configs) stay the same.
 Accelerate only spawns the processes and sets RANK/WORLD_SIZE/MASTER_ADDR; this engine then
-initialises DeepSpeed's process group itself and builds one DeepSpeed engine for G+E (the
-trainer's ``GeneratorEncoder``) and one for D, each with its own torch Adam, its own ZeRO
+initialises DeepSpeed's process group itself and builds one DeepSpeed engine for G+E
+(``engine_base.GeneratorEncoder``) and one for D, each with its own torch Adam, its own ZeRO
 partitioning of optimizer states (stage 1) and gradients (stage 2), and its own fp16 loss
 scale. Why not Accelerate's DeepSpeed plugin: one ``prepare()`` with two models raises, and
 the multi-plugin route needs a second Accelerator, imports transformers and reported wrong
