@@ -1,5 +1,6 @@
 """The trainer under a real ``accelerate launch`` with two CPU processes, when the launcher is signalled or killed,
-and when a rank fails: what each process does and which exit code the user sees (README section 2).
+and when a rank fails: what each process does and which exit code the user sees (README section 2). The first
+tests check ``launcher.stop_with_launcher`` on its own, in real processes whose parent dies.
 """
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import resource
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +19,65 @@ import pytest
 from bicogan_dist.train import checkpoint as ckpt
 from test_train import CPU_2PROC, ROOT, SMOKE, TINY, accelerate_cmd, env, free_port, shards  # noqa: F401
 
-pytestmark = pytest.mark.slow
+#: A "rank": arms stop_with_launcher, says so, and on SIGTERM writes its parent pid into MARKER and exits.
+RANK = textwrap.dedent("""
+    import os, signal, sys, time
+    marker, ready = sys.argv[1], sys.argv[2]
+    def stopped(signum, frame):
+        open(marker, "w").write(str(os.getppid()))
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stopped)
+    from bicogan_dist.train.launcher import stop_with_launcher
+    assert stop_with_launcher()
+    open(ready, "w").close()
+    time.sleep(120)
+""")
+
+
+def wait_for(path: Path, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while not path.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    return path.exists()
+
+
+def test_a_rank_gets_sigterm_when_its_launcher_is_killed(tmp_path):
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    launcher_code = ("import subprocess, sys, time; "
+                     f"p = subprocess.Popen([sys.executable, '-c', {RANK!r}, {str(marker)!r}, {str(ready)!r}]); "
+                     "print(p.pid, flush=True); time.sleep(120)")
+    launcher = subprocess.Popen([sys.executable, "-c", launcher_code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                env=dict(env(), TORCHELASTIC_RUN_ID="test"))
+    rank = int(launcher.stdout.readline())
+    try:
+        assert wait_for(ready, 60), "the rank did not start"
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        assert wait_for(marker, 10), "no SIGTERM reached the rank after its launcher died"
+    finally:
+        stop_group(launcher, [rank])
+
+
+def test_a_rank_whose_launcher_died_before_it_asked_stops_at_once(tmp_path):
+    """The launcher is gone before the rank arms: the kernel would never signal, so it signals itself."""
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    orphan = ("import os, sys, time, runpy\n"
+              "if os.fork(): os._exit(0)  # the launcher exits at once\n"
+              "time.sleep(1.0)\n"
+              f"sys.argv = ['rank', {str(marker)!r}, {str(ready)!r}]\n"
+              f"exec({RANK!r})\n")
+    subprocess.run([sys.executable, "-c", orphan], cwd=ROOT, env=dict(env(), TORCHELASTIC_RUN_ID="test"), check=True)
+    assert wait_for(marker, 10), "the orphaned rank kept running"
+    if marker.read_text() != "1":
+        pytest.skip("orphans here go to a subreaper, not init: the rank cannot tell its launcher died")
+
+
+def test_a_process_no_launcher_started_is_left_alone():
+    """A plain ``python -m bicogan_dist.train`` (say under nohup) must outlive the shell that started it."""
+    code = "from bicogan_dist.train.launcher import stop_with_launcher; print(stop_with_launcher())"
+    e = {k: v for k, v in env().items() if k not in ("TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def launch_cmd(run_dir: Path, shards: Path, *overrides: str, quiet: bool = False) -> list[str]:  # noqa: F811
@@ -92,6 +153,7 @@ def newest_step(run_dir: Path) -> int:
     return json.loads((ckpt.list_checkpoints(run_dir)[-1] / ckpt.STATE_FILE).read_text())["step"]
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_stops_both_ranks(shards, tmp_path):  # noqa: F811
     """kill -9 of ``accelerate launch``: its ranks get SIGTERM from the kernel (parent death), save and exit."""
     run_dir, log = tmp_path / "run", tmp_path / "launch.log"
@@ -109,6 +171,7 @@ def test_killing_the_launcher_stops_both_ranks(shards, tmp_path):  # noqa: F811
     assert not list(ckpt.checkpoint_root(run_dir).glob("*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, to_group, code", [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)],
                          ids=["sigterm-to-launcher", "ctrl-c-to-process-group"])
 def test_a_stop_signal_saves_a_checkpoint_and_the_launcher_exits_128_plus_signal(shards, tmp_path, sig, to_group,
@@ -133,6 +196,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_the_launcher_exits_128_plus_signal
     assert not list(ckpt.checkpoint_root(run_dir).glob("*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quiet", [False, True], ids=["plain", "quiet"])
 def test_a_trainer_error_is_the_root_cause_in_the_launchers_report(shards, tmp_path, quiet):  # noqa: F811
     proc = subprocess.run(launch_cmd(tmp_path / "run", shards, "model.knd=gan", quiet=quiet), cwd=ROOT, env=env(),
@@ -146,6 +210,7 @@ def test_a_trainer_error_is_the_root_cause_in_the_launchers_report(shards, tmp_p
     assert ("Traceback (most recent call last)" in proc.stderr) is not quiet
 
 
+@pytest.mark.slow
 def test_a_write_failure_on_one_rank_stops_both_with_the_folder_named(shards, tmp_path):  # noqa: F811
     """A file-size limit (EFBIG, as a full disk gives ENOSPC) makes rank 0's first weights file fail mid-save:
     both ranks stop together, naming the folder, and no half-written checkpoint is left."""

@@ -5,9 +5,11 @@ Under ``accelerate launch`` with more than one process, the ranks are children o
 elastic agent, which runs inside the launcher process itself (``accelerate launch`` calls
 torchrun in-process). A launcher killed with SIGKILL cannot pass anything on, so its ranks would
 train on as orphans, writing checkpoints nobody asked for. :func:`stop_with_launcher` asks Linux
-to send this rank SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``); the trainer turns
-SIGTERM into "finish the step, save a checkpoint, exit", and the stop is agreed over ranks, so a
-job whose launcher on one node died stops everywhere with a good checkpoint.
+to send this rank SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and a watchdog
+thread that polls ``os.getppid()`` sends it as well should the kernel's signal not come (the
+signal follows the parent *thread*, and other systems lack it); the trainer turns SIGTERM into
+"finish the step, save a checkpoint, exit", and the stop is agreed over ranks, so a job whose
+launcher on one node died stops everywhere with a good checkpoint.
 
 :func:`report_error` writes the trainer's ``error:`` line into the file torchrun names in
 ``TORCHELASTIC_ERROR_FILE``, so the launcher's failure report shows that line as the root cause
@@ -20,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 #: linux/prctl.h
@@ -28,6 +31,9 @@ PR_SET_PDEATHSIG = 1
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
 #: Set by ``accelerate launch`` in the one process it starts itself (single-process launch configs).
 ACCELERATE_ENV = "ACCELERATE_MIXED_PRECISION"
+#: Seconds between the watchdog's looks at the parent.
+WATCH_EVERY_S = 2.0
+_watching: set[int] = set()  # parents a watchdog already watches (train() may run more than once in a process)
 
 
 def started_by_launcher() -> bool:
@@ -41,21 +47,31 @@ def stop_with_launcher() -> bool:
     Only in ranks a launcher started: a plain ``python -m bicogan_dist.train`` (say under nohup)
     must outlive the shell that started it. The parent may already be gone when this runs (the
     launcher killed during start-up): then this process was re-parented before the request and
-    no signal would ever come, so it sends itself SIGTERM now. Linux only; elsewhere a no-op.
+    no signal would ever come, so it sends itself SIGTERM now.
     """
-    if not sys.platform.startswith("linux") or not started_by_launcher():
+    if not started_by_launcher():
         return False
     parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        print(f"warning: cannot arrange to stop with the launcher (prctl: {os.strerror(errno)})", file=sys.stderr,
-              flush=True)
-        return False
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            print(f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}); only a watchdog "
+                  f"stops this rank when its launcher dies", file=sys.stderr, flush=True)
     # Our launcher is never init: a parent of 1 means it died before this process could ask.
     if os.getppid() != parent or parent == 1:
         os.kill(os.getpid(), signal.SIGTERM)
+        return True
+    if parent not in _watching:
+        _watching.add(parent)
+        threading.Thread(target=_watch_parent, args=(parent,), name="stop-with-launcher", daemon=True).start()
     return True
+
+
+def _watch_parent(parent: int) -> None:
+    """SIGTERM to this process once its parent is no longer ``parent`` (it died and this one was re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(WATCH_EVERY_S)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def report_error(message: str) -> None:
