@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 #: linux/prctl.h
 PR_SET_PDEATHSIG = 1
@@ -31,6 +32,8 @@ PR_SET_PDEATHSIG = 1
 TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
 #: Set by ``accelerate launch`` in the one process it starts itself (single-process launch configs).
 ACCELERATE_ENV = "ACCELERATE_MIXED_PRECISION"
+#: Words in a launcher's command line (accelerate launch, torchrun, python -m torch.distributed.run).
+LAUNCHER_NAMES = (b"accelerate", b"torchrun", b"torch.distributed.run")
 #: Seconds between the watchdog's looks at the parent.
 WATCH_EVERY_S = 2.0
 _watching: set[int] = set()  # parents a watchdog already watches (train() may run more than once in a process)
@@ -57,14 +60,27 @@ def stop_with_launcher() -> bool:
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
             print(f"warning: prctl(PR_SET_PDEATHSIG) failed ({os.strerror(ctypes.get_errno())}); only a watchdog "
                   f"stops this rank when its launcher dies", file=sys.stderr, flush=True)
-    # Our launcher is never init: a parent of 1 means it died before this process could ask.
-    if os.getppid() != parent or parent == 1:
+    if _orphaned(parent):
         os.kill(os.getpid(), signal.SIGTERM)
         return True
     if parent not in _watching:
         _watching.add(parent)
         threading.Thread(target=_watch_parent, args=(parent,), name="stop-with-launcher", daemon=True).start()
     return True
+
+
+def _orphaned(parent: int) -> bool:
+    """True when this rank's launcher is gone: the parent changed since ``parent`` was read, or the parent is
+    init (pid 1) and init is not itself the launcher (in a container the launcher may be pid 1; then it is alive)."""
+    if os.getppid() != parent:
+        return True
+    if parent != 1:
+        return False
+    try:
+        init = Path("/proc/1/cmdline").read_bytes()
+    except OSError:
+        return False  # cannot tell: never stop a run that may be healthy
+    return not any(name in init for name in LAUNCHER_NAMES)
 
 
 def _watch_parent(parent: int) -> None:
