@@ -27,7 +27,8 @@ elif [ "$GPUS" -eq 1 ]; then
 else
   LAUNCH=(--config_file launch_configs/accelerate/cpu_2proc.yaml)
 fi
-python -m accelerate.commands.launch "${LAUNCH[@]}" -m bicogan_dist.train \
+# --quiet: a failing trainer's "error: ..." line ends the output, without the launcher's Python traceback.
+python -m accelerate.commands.launch --quiet "${LAUNCH[@]}" -m bicogan_dist.train \
   --config launch_configs/experiments/quickstart.yaml --resume latest data.shards="$SHARDS" \
   log.run_dir="runs/quickstart-$(basename "$SHARDS")" "$@"
 echo "TensorBoard: .venv/bin/tensorboard --logdir runs/quickstart-$(basename "$SHARDS")/tb   samples: runs/quickstart-$(basename "$SHARDS")/samples/"

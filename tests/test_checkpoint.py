@@ -3,12 +3,15 @@
 A damaged newest checkpoint is skipped by ``--resume latest`` (and refused by an explicit path); a
 pickle that would run code is refused by name without advice to load it unsafely; weights of other
 shapes name their file; a second run on one run folder stops while the first holds it, and a lock
-left by a dead process is taken over.
+left by a dead process is taken over. A run folder that cannot be written stops the run at start, and a
+write that fails during a save (a full disk) names the folder and leaves the last good checkpoint intact.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import resource
 import shutil
 import socket
 import subprocess
@@ -27,11 +30,18 @@ TINY = ["model.width=0.25", "model.z_dim=16", "data.batch_size=16", "log.heldout
         "log.checkpoint_every=1", "log.image_every=100"]
 
 
-def train(run_dir: Path, shards: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+def train(run_dir: Path, shards: Path, steps: int, *extra: str, max_file_size: int | None = None
+          ) -> subprocess.CompletedProcess:
+    """The trainer in a process of its own; ``max_file_size`` caps every file it writes (RLIMIT_FSIZE)."""
     cmd = [sys.executable, "-m", "bicogan_dist.train", "--config", str(SMOKE), f"data.shards={shards}",
            f"log.run_dir={run_dir}", *TINY, f"train.max_steps={steps}", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if max_file_size else None)
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +124,48 @@ def test_a_second_run_on_a_folder_in_use_stops_and_a_stale_lock_is_taken_over(ru
     proc = train(run, shards, 3, "--resume", "latest")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not lock.exists()  # released at the end
+
+
+@pytest.mark.parametrize("where", ["under a file", "is a file"])
+def test_a_run_folder_that_cannot_be_written_stops_at_start(trained, tmp_path, where):
+    """Root ignores permission bits, so the folder is made uncreatable: a path under a plain file, or a file itself."""
+    _, shards = trained
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file\n")
+    run = blocker / "run" if where == "under a file" else blocker
+    proc = train(run, shards, 1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: log.run_dir: {run} is not writable: " in proc.stderr
+    assert "Traceback" not in proc.stderr and "starting at step" not in proc.stdout + proc.stderr
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("failing", ["ge.safetensors", "optim.pt"])
+def test_a_failed_checkpoint_write_names_the_folder_and_keeps_the_last_good_one(run_copy, failing):
+    """A real save runs into a file-size limit (EFBIG, the same failed write a full disk gives as ENOSPC): first in
+    safetensors' writer (ge.safetensors), then in torch.save (optim.pt, whose own error names no path)."""
+    run, shards = run_copy
+    root = ckpt.checkpoint_root(run)
+    good = root / "checkpoint-00000002"
+    before = _digests(good)
+    sizes = {name: (good / name).stat().st_size for name in before}
+    # A cap that the failing file exceeds and every file written before it (and config, lock, events) fits under.
+    if failing == "ge.safetensors":
+        cap = sizes["ge.safetensors"] // 2
+    else:
+        cap = (max(sizes[n] for n in ("ge.safetensors", "d.safetensors")) + sizes["optim.pt"]) // 2
+        assert sizes["optim.pt"] > cap > sizes["d.safetensors"]
+    proc = train(run, shards, 4, "--resume", "latest", max_file_size=cap)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"error: {root}: cannot write checkpoint checkpoint-00000003 (rank 0: " in proc.stderr
+            and "the disk may be full" in proc.stderr
+            and f"the last good checkpoint, {good}, is intact" in proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-00000001", "checkpoint-00000002"]
+    assert _digests(good) == before
+    resumed = train(run, shards, 3, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting at step 2" in resumed.stdout + resumed.stderr

@@ -176,7 +176,7 @@ def consolidated_matches_live_model(run: dict, shards: Path, overrides: list[str
     """consolidated_weights → fresh GeneratorEncoder → G(z, c) equals the live engine's G on the same inputs."""
     from bicogan_dist.models.networks import build_models
     from bicogan_dist.train.config import load_config
-    from bicogan_dist.train.engine import GeneratorEncoder
+    from bicogan_dist.train.engine_base import GeneratorEncoder
     from bicogan_dist.train.engine_deepspeed import consolidated_weights
 
     info, live = run["infos"][0], run["tensors"][0]

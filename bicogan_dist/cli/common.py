@@ -31,8 +31,16 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, checks: S
 
 
 def fail(exc: BaseException | str, code: int = USER_ERROR) -> int:
-    """Print ``error: <exc>`` to stderr (flushed: ranks and subprocesses interleave) and return ``code``."""
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    """Print ``error: <exc>`` to stderr (flushed: ranks and subprocesses interleave) and return ``code``.
+
+    Under ``accelerate launch`` / torchrun the line also becomes the root cause of the launcher's failure
+    report, which would otherwise end in "To enable traceback see ...".
+    """
+    from bicogan_dist.train.launcher import report_error
+
+    message = f"error: {exc}"
+    print(message, file=sys.stderr, flush=True)
+    report_error(message)
     return code
 
 

@@ -22,6 +22,12 @@ then copies into modules wherever they live.
 Engines save and load their own units (``engine.save(folder)`` / ``engine.load(folder)``)
 through the helpers here; the trainer, export and the ablation read checkpoints only
 through this module.
+
+Writing fails early and by name: :func:`check_writable` runs before any data is read (an
+uncreatable or read-only run folder, or a full disk, stops the run with exit code 2), and a
+write that fails during :func:`save` (``OSError`` such as ENOSPC, torch's path-less
+``RuntimeError``, safetensors' own error) becomes a :class:`CheckpointWriteError` naming the
+folder; the unfinished ``.tmp`` folder is removed and earlier checkpoints are untouched.
 """
 from __future__ import annotations
 
@@ -33,11 +39,14 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from bicogan_dist.train.engine_base import Engine
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})$")
 STATE_FILE = "state.json"
@@ -49,6 +58,15 @@ UNITS: tuple[str, ...] = ("ge", "d")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resolved, read or trusted; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, lost permission); the message names the folder."""
+
+
+#: What a failed write raises: OSError (ENOSPC, EDQUOT, EFBIG, EACCES, EIO), torch.save's RuntimeError (for
+#: example "basic_ios::clear: iostream error" or "unexpected pos", with no path) and safetensors' own error.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, SafetensorError)
 
 
 def unit_file(unit: str) -> str:
@@ -178,6 +196,30 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- writing checkpoints
+def check_writable(run_dir: str | Path) -> Path:
+    """Create ``run_dir`` and write and remove a probe file in it, so a folder this run cannot write stops it at start.
+
+    Every rank checks (each writes its RNG state into checkpoints), with a probe of its own name.
+    Raises ConfigError ``log.run_dir: FOLDER is not writable: REASON`` (exit code 2).
+    """
+    run_dir = Path(run_dir)
+    probe = run_dir / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"probe\n")
+        probe.unlink()
+    except OSError as exc:
+        from bicogan_dist.config import ConfigError
+
+        reason = exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename) != run_dir:
+            reason += f" ({exc.filename})"
+        raise ConfigError(f"log.run_dir: {run_dir} is not writable: {reason}; choose another log.run_dir, or free "
+                          f"space or fix permissions there") from None
+    return run_dir
+
+
 def begin(run_dir: str | Path, step: int, create: bool = False) -> Path:
     """The temporary folder a checkpoint is written into; rank 0 passes ``create`` to make it afresh."""
     tmp = checkpoint_root(run_dir) / (checkpoint_name(step) + ".tmp")
@@ -208,27 +250,59 @@ def remove_incomplete(run_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save(run_dir: Path, step: int, engine, G_ema: torch.nn.Module, state: dict[str, Any], keep: int) -> Path:
-    """Write one whole checkpoint (every rank calls it): engine units, EMA, each rank's RNG, then state.json."""
-    tmp = begin(run_dir, step, create=engine.is_main)
-    engine.barrier()
-    engine.save(tmp)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / rng_file(engine.rank))
-    if engine.is_main:
-        write_tensors(G_ema.state_dict(), tmp / EMA_FILE)
-    engine.barrier()
+def save(run_dir: Path, step: int, engine: Engine, G_ema: torch.nn.Module, state: dict[str, Any], keep: int) -> Path:
+    """Write one whole checkpoint (every rank calls it): engine units, EMA, each rank's RNG, then state.json.
+
+    Each phase ends with the ranks agreeing whether any of them failed to write (in place of a
+    barrier), so all of them stop together with a CheckpointWriteError rather than wait for a
+    rank that gave up; the ``.tmp`` folder is then removed and the previous checkpoint stays as it was.
+    """
+    tmp = begin(run_dir, step)
     final = tmp.with_name(tmp.name[: -len(".tmp")])
-    if engine.is_main:
-        final = commit(tmp, {"step": step, "world_size": engine.world_size, "engine": engine.name, **state},
-                       keep=keep)
-    engine.barrier()
+
+    def write_parts() -> None:
+        engine.save(tmp)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / rng_file(engine.rank))
+        if engine.is_main:
+            write_tensors(G_ema.state_dict(), tmp / EMA_FILE)
+
+    def write_state() -> None:
+        commit(tmp, {"step": step, "world_size": engine.world_size, "engine": engine.name, **state}, keep=keep)
+
+    _write_agreed(engine, tmp, lambda: begin(run_dir, step, create=True) if engine.is_main else None)
+    _write_agreed(engine, tmp, write_parts)
+    _write_agreed(engine, tmp, write_state if engine.is_main else lambda: None)
     return final
 
 
-def load(folder: Path, engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
+def _write_agreed(engine: Engine, tmp: Path, write: Callable[[], Any]) -> None:
+    """Run this rank's ``write``, then learn whether any rank failed; if one did, every rank raises."""
+    error: BaseException | None = None
+    try:
+        write()
+    except WRITE_ERRORS as exc:
+        error = exc
+    failed = engine.all_reduce(torch.tensor([float(error is not None)], device=engine.device), op="max")
+    if not float(failed[0]):
+        return
+    if engine.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial write took; never a committed checkpoint
+    done = list_checkpoints(tmp.parent.parent)
+    last = f"the last good checkpoint, {done[-1]}, is intact" if done else "no checkpoint of this run was completed"
+    if error is None:
+        cause = "another rank could not write its part"
+    else:
+        lines = str(error).strip().splitlines()
+        cause = f"rank {engine.rank}: {lines[0] if lines else type(error).__name__}"
+    raise CheckpointWriteError(f"{tmp.parent}: cannot write checkpoint {tmp.name[: -len('.tmp')]} ({cause}); the disk "
+                               f"may be full or the folder no longer writable: free space or fix permissions there, "
+                               f"then resume with --resume latest ({last})") from error
+
+
+def load(folder: Path, engine: Engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
     """Restore engine units, EMA and this rank's RNG from ``folder``; returns the step.
 
     The model section must equal the checkpoint's (a resumed run is the same experiment)

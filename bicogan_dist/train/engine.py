@@ -1,63 +1,24 @@
-"""How the networks are distributed and stepped: Accelerate DDP here, DeepSpeed in ``engine_deepspeed``.
+"""The Accelerate DDP engine (and single process): the :class:`~bicogan_dist.train.engine_base.Engine` the trainer
+uses by default; DeepSpeed ZeRO is the other one (``engine_deepspeed``).
 
-The trainer sees two trained units — ``ge`` (G and E in one module, so a single forward
-computes the fake batch and the encoding that the D step and the G/E step share) and
-``d`` — and asks the engine to wrap them, run ``backward + step`` on one of them, and
-save or load their states. Everything else (EMA, schedules, logging) is the trainer's.
+The interface, and what both engines share (``GeneratorEncoder``, ``all_reduce``, ``grad_norm``,
+Adam), live in ``engine_base``.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from bicogan_dist.models.networks import GANModels
 from bicogan_dist.train import checkpoint as ckpt
+from bicogan_dist.train.config import OptimConfig
+from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam, grad_norm
 
 
-class GeneratorEncoder(nn.Module):
-    """G and E as one unit: one forward gives G(z, c) and E(x) for both steps of an iteration.
-
-    With ``encode_fake`` it also encodes the fake batch, E_z(G(z, c)), for the latent cycle
-    loss; that stays inside this (DDP-wrapped) forward so every gradient path is one DDP pass.
-    """
-
-    def __init__(self, G: nn.Module, E: nn.Module | None) -> None:
-        super().__init__()
-        self.G = G
-        self.E = E
-
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None, encode_fake: bool = False):
-        """(fake, z_hat, c_logits) and, with ``encode_fake``, z_rec = E_z(fake)."""
-        fake = self.G(z, c)
-        if self.E is None or x is None:
-            return (fake, None, None, None) if encode_fake else (fake, None, None)
-        z_hat, c_logits = self.E(x)
-        if not encode_fake:
-            return fake, z_hat, c_logits
-        z_rec, _ = self.E(fake)  # a separate call: the paper E's BatchNorm must not mix real and fake
-        return fake, z_hat, c_logits, z_rec
-
-
-def all_reduce(tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
-    """Sum or max over ranks, out of place (a no-op in a single process); shared by both engines."""
-    if world_size == 1:
-        return tensor
-    out = tensor.clone()
-    reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-    torch.distributed.all_reduce(out, op=reduce_op)
-    return out
-
-
-def grad_norm(params: Iterator[nn.Parameter]) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-class AccelerateEngine:
+class AccelerateEngine(Engine):
     """DDP (and single-process) training through Accelerate.
 
     Optimizers stay plain torch objects and each unit has its own GradScaler: with fp16,
@@ -80,18 +41,15 @@ class AccelerateEngine:
                                        kwargs_handlers=[ddp_kwargs])
         self.mixed_precision = self.accelerator.mixed_precision
 
-    def prepare(self, models: GANModels, optim_cfg, compile_models: bool = False, channels_last: bool = False) -> None:
+    def prepare(self, models: GANModels, optim_cfg: OptimConfig, compile_models: bool = False,
+                channels_last: bool = False) -> None:
         """Wrap G+E and D for DDP and create one optimizer and one GradScaler per unit."""
         ge: nn.Module = GeneratorEncoder(models.G, models.E).to(self.device)
         d: nn.Module = models.D.to(self.device)
         if channels_last:
             ge = ge.to(memory_format=torch.channels_last)
             d = d.to(memory_format=torch.channels_last)
-        betas = (optim_cfg.beta1, optim_cfg.beta2)
-        self.optimizers = {
-            "ge": torch.optim.Adam(ge.parameters(), lr=optim_cfg.lr_ge, betas=betas),
-            "d": torch.optim.Adam(d.parameters(), lr=optim_cfg.lr_d, betas=betas),
-        }
+        self.optimizers = {"ge": adam(ge, "ge", optim_cfg), "d": adam(d, "d", optim_cfg)}
         self.grad_clip = optim_cfg.grad_clip
         fp16 = self.mixed_precision == "fp16"
         self.scalers = {k: torch.amp.GradScaler(self.device.type, enabled=fp16) for k in ("ge", "d")}
@@ -122,19 +80,19 @@ class AccelerateEngine:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return all_reduce(tensor, op, self.world_size)
-
     # -- modules ----------------------------------------------------------------------
-    def unwrap(self, unit: str) -> nn.Module:
+    def unwrap(self, unit: Unit) -> nn.Module:
         """The plain module (no DDP/compile wrapper) of ``ge`` or ``d``."""
         return self.accelerator.unwrap_model(getattr(self, unit))
 
-    def learning_rate(self, unit: str) -> float:
+    def learning_rate(self, unit: Unit) -> float:
         return self.optimizers[unit].param_groups[0]["lr"]
 
+    def push_module_weights(self, unit: Unit) -> None:
+        """Nothing to do: the optimizer steps the module's own parameters, so an in-place edit already holds."""
+
     # -- one optimisation step ------------------------------------------------------------
-    def step(self, unit: str, loss: torch.Tensor, want_grad_norm: bool = False) -> float | None:
+    def step(self, unit: Unit, loss: torch.Tensor, want_grad_norm: bool = False) -> float | None:
         """backward + (clip) + optimizer step on ``unit``; returns the grad norm when asked."""
         opt, scaler = self.optimizers[unit], self.scalers[unit]
         scaler.scale(loss).backward()

@@ -1,11 +1,12 @@
 """DeepSpeed ZeRO (stage 1 or 2) as the trainer's engine: the same loop, two ``deepspeed.initialize`` engines.
 
 ``train.engine=deepspeed train.deepspeed_config=launch_configs/deepspeed/zero2.json`` swaps the
-Accelerate DDP engine (``engine.py``) for this one; the trainer, the experiment YAMLs and the
-launch command (``accelerate launch`` with the plain DDP launch configs) stay the same.
+Accelerate DDP engine (``engine.py``) for this one; both implement ``engine_base.Engine``, and the
+trainer, the experiment YAMLs and the launch command (``accelerate launch`` with the plain DDP
+launch configs) stay the same.
 Accelerate only spawns the processes and sets RANK/WORLD_SIZE/MASTER_ADDR; this engine then
-initialises DeepSpeed's process group itself and builds one DeepSpeed engine for G+E (the
-trainer's ``GeneratorEncoder``) and one for D, each with its own torch Adam, its own ZeRO
+initialises DeepSpeed's process group itself and builds one DeepSpeed engine for G+E
+(``engine_base.GeneratorEncoder``) and one for D, each with its own torch Adam, its own ZeRO
 partitioning of optimizer states (stage 1) and gradients (stage 2), and its own fp16 loss
 scale. Why not Accelerate's DeepSpeed plugin: one ``prepare()`` with two models raises, and
 the multi-plugin route needs a second Accelerator, imports transformers and reported wrong
@@ -73,14 +74,18 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from unittest import mock
 
 import torch
 from torch import nn
 
 from bicogan_dist.config import ConfigError
-from bicogan_dist.train.engine import GeneratorEncoder, all_reduce
+from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam
+
+if TYPE_CHECKING:
+    from bicogan_dist.models.networks import GANModels
+    from bicogan_dist.train.config import OptimConfig
 
 MISSING_DEEPSPEED = "train.engine=deepspeed needs DeepSpeed: pip install -e .[deepspeed]"
 UNITS = ("ge", "d")
@@ -304,8 +309,8 @@ class _SafeTorch:
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
-class DeepSpeedEngine:
-    """Two DeepSpeed ZeRO engines (``ge``, ``d``) behind the interface of ``AccelerateEngine``."""
+class DeepSpeedEngine(Engine):
+    """Two DeepSpeed ZeRO engines (``ge``, ``d``) behind the trainer's :class:`Engine` interface."""
 
     name = "deepspeed"
 
@@ -345,7 +350,8 @@ class DeepSpeedEngine:
             self._device = torch.device(self.accelerator.device_name(), local)
 
     # -- building the two engines ----------------------------------------------------------------------------
-    def prepare(self, models, optim_cfg, compile_models: bool = False, channels_last: bool = False) -> None:
+    def prepare(self, models: GANModels, optim_cfg: OptimConfig, compile_models: bool = False,
+                channels_last: bool = False) -> None:
         """One DeepSpeed engine (torch Adam, ZeRO per the JSON) for G+E and one for D.
 
         ``channels_last`` is accepted for the engines' common signature and not applied (see below).
@@ -358,12 +364,11 @@ class DeepSpeedEngine:
         self.resolved = resolve_config(self.config_path, self._mixed_precision_arg, self._micro, optim_cfg.grad_clip,
                                        launch_precision=os.environ.get("ACCELERATE_MIXED_PRECISION"))
         units = {"ge": GeneratorEncoder(models.G, models.E), "d": models.D}
-        lrs = {"ge": optim_cfg.lr_ge, "d": optim_cfg.lr_d}
         for unit, module in units.items():
             # ZeRO views every parameter as flat bytes, which needs dense row-major storage: the
             # weights go back to contiguous format (channels_last inputs still work, only slower).
             module = module.to(self._device).to(memory_format=torch.contiguous_format)
-            optimizer = torch.optim.Adam(module.parameters(), lr=lrs[unit], betas=(optim_cfg.beta1, optim_cfg.beta2))
+            optimizer = adam(module, unit, optim_cfg)
             engine, *_ = self.deepspeed.initialize(model=module, optimizer=optimizer,
                                                    config=copy.deepcopy(self.resolved.ds_config))
             self.engines[unit] = engine
@@ -414,18 +419,15 @@ class DeepSpeedEngine:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return all_reduce(tensor, op, self.world_size)
-
     # -- modules -------------------------------------------------------------------------------------------------
-    def unwrap(self, unit: str) -> nn.Module:
+    def unwrap(self, unit: Unit) -> nn.Module:
         """The plain module of ``ge`` or ``d`` (fp32 weights, kept equal to ZeRO's fp32 masters after each step)."""
         return self.engines[unit].module
 
-    def learning_rate(self, unit: str) -> float:
+    def learning_rate(self, unit: Unit) -> float:
         return float(self.engines[unit].get_lr()[0])
 
-    def push_module_weights(self, unit: str) -> None:
+    def push_module_weights(self, unit: Unit) -> None:
         """Copy in-place edits of the module's weights (WGAN clipping) into ZeRO's fp32 master partitions.
 
         ZeRO keeps fp32 masters apart from the module and overwrites the module from them after
@@ -439,7 +441,7 @@ class DeepSpeedEngine:
                 safe_set_full_fp32_param(p, p.detach().float())
 
     # -- one optimisation step -------------------------------------------------------------------------------------
-    def step(self, unit: str, loss: torch.Tensor, want_grad_norm: bool = False) -> float | None:
+    def step(self, unit: Unit, loss: torch.Tensor, want_grad_norm: bool = False) -> float | None:
         """backward + (clip) + ZeRO step on ``unit``; returns the (unscaled, pre-clip) grad norm when asked."""
         engine = self.engines[unit]
         scale = self.scales.get(unit)

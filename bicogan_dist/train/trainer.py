@@ -37,6 +37,7 @@ from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_wei
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig
+from bicogan_dist.train.engine_base import Engine, make_engine
 from bicogan_dist.train.monitor import Monitor, encoder_accuracy
 
 
@@ -46,7 +47,7 @@ class TrainResult:
 
     run_dir: Path
     step: int
-    engine: object
+    engine: Engine
     G_ema: torch.nn.Module
 
 
@@ -58,17 +59,6 @@ def step_seed(seed: int, step: int, rank: int, stream: str = "z") -> int:
     """Seed of the random ``stream`` (z noise, D's augmentation) at ``step`` on ``rank`` (63-bit, stable)."""
     digest = hashlib.blake2b(f"{stream}/{seed}/{step}/{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def make_engine(cfg: ExperimentConfig):
-    if cfg.train.engine == "deepspeed":
-        from bicogan_dist.train.engine_deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg.train.deepspeed_config, cfg.train.mixed_precision,
-                               micro_batch_size=cfg.data.batch_size)
-    from bicogan_dist.train.engine import AccelerateEngine
-
-    return AccelerateEngine(cfg.train.mixed_precision)
 
 
 class StopFlags:
@@ -105,6 +95,7 @@ EvaluatorFactory = Callable[[torch.device], Callable[[torch.nn.Module, torch.nn.
 def train(cfg: ExperimentConfig, resume: str | None = None,
           evaluator_factory: EvaluatorFactory | None = None) -> TrainResult:
     """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0."""
+    ckpt.check_writable(cfg.log.run_dir)  # before any data is read or any step is trained
     engine = make_engine(cfg)
     run_dir, start_ckpt = prepare_run_dir(cfg, resume)
     lock = ckpt.RunLock(run_dir).acquire() if engine.is_main else None
@@ -115,7 +106,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
             lock.release()
 
 
-def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None,
+def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Path | None,
            evaluator_factory: EvaluatorFactory | None) -> TrainResult:
     device, rank, world = engine.device, engine.rank, engine.world_size
 
@@ -226,8 +217,7 @@ def _train(cfg: ExperimentConfig, engine, run_dir: Path, start_ckpt: Path | None
             norm_d = engine.step("d", loss_d, want_norm)
             if cfg.loss.loss == "wgan":
                 clip_weights_(D_raw, cfg.loss.clip_value)
-                if hasattr(engine, "push_module_weights"):  # ZeRO keeps fp32 master weights apart from the module
-                    engine.push_module_weights("d")
+                engine.push_module_weights("d")  # ZeRO keeps fp32 master weights apart from the module
 
             # --- G/E update through the plain, frozen D.
             D_raw.requires_grad_(False)
@@ -369,7 +359,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.no_grad()
-def average_buffers(modules: list[torch.nn.Module], engine) -> None:
+def average_buffers(modules: list[torch.nn.Module], engine: Engine) -> None:
     """Average BatchNorm running statistics over ranks.
 
     Parameters stay identical through DDP, but running statistics are updated from each

@@ -1,0 +1,175 @@
+"""The engine interface: what the trainer and the checkpoint layer may ask of an engine, and the parts engines share.
+
+An engine distributes and steps the two trained units — ``ge`` (G and E in one module, so a
+single forward computes the fake batch and the encoding that the D step and the G/E step
+share) and ``d`` — and saves or loads their states. Everything else (EMA, schedules,
+logging, the checkpoint layout) belongs to the trainer and ``checkpoint.py``.
+
+Two engines implement :class:`Engine`: ``AccelerateEngine`` (DDP, ``engine.py``) and
+``DeepSpeedEngine`` (ZeRO 1/2, ``engine_deepspeed.py``). Every operation is abstract, the
+optional ones included (``push_module_weights`` is a no-op on DDP), so the trainer never asks
+an engine what it is, and a new engine that forgets one fails when it is built, not mid-run.
+:func:`make_engine` picks one from the config.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from bicogan_dist.models.networks import GANModels
+    from bicogan_dist.train.config import ExperimentConfig, OptimConfig
+
+Unit = Literal["ge", "d"]
+
+
+class Engine(abc.ABC):
+    """Two trained units (``ge``, ``d``) on every rank: wrap, step, reduce, save, load.
+
+    After :meth:`prepare`, ``ge`` and ``d`` are the wrapped modules the trainer calls forward on
+    (DDP- or DeepSpeed-wrapped); :meth:`unwrap` gives the plain ones (frozen D in the G/E step,
+    G for the EMA, E for held-out accuracy).
+    """
+
+    #: Written into a checkpoint's state.json; a checkpoint resumes only under the engine that wrote it.
+    name: str
+    #: The precision the run actually uses ("no", "bf16" or "fp16"), settled at construction.
+    mixed_precision: str
+    ge: nn.Module
+    d: nn.Module
+
+    @abc.abstractmethod
+    def prepare(self, models: GANModels, optim_cfg: OptimConfig, compile_models: bool = False,
+                channels_last: bool = False) -> None:
+        """Wrap G+E and D, one optimizer (and fp16 loss scale) per unit: G/E and D never share a scale."""
+
+    # -- facts about the process group
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where this rank's modules and batches live."""
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int:
+        """This process's global rank."""
+
+    @property
+    @abc.abstractmethod
+    def world_size(self) -> int:
+        """The number of processes training together."""
+
+    @property
+    @abc.abstractmethod
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes shared files (TensorBoard, images, state.json)."""
+
+    @abc.abstractmethod
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every forward runs in (autocast over fp32 weights, or nothing)."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum or max of ``tensor`` over ranks, out of place."""
+        return all_reduce(tensor, op, self.world_size)
+
+    # -- modules
+    @abc.abstractmethod
+    def unwrap(self, unit: Unit) -> nn.Module:
+        """The plain module of ``unit`` (no DDP/DeepSpeed/compile wrapper)."""
+
+    @abc.abstractmethod
+    def learning_rate(self, unit: Unit) -> float:
+        """The current learning rate of ``unit``'s optimizer (logged)."""
+
+    @abc.abstractmethod
+    def push_module_weights(self, unit: Unit) -> None:
+        """Make an in-place edit of ``unit``'s plain module weights (WGAN clipping) the weights the next step starts from.
+
+        A no-op where the module's parameters are the optimizer's (DDP); ZeRO keeps fp32 masters apart
+        from the module and would overwrite the edit after the next step.
+        """
+
+    # -- one optimisation step
+    @abc.abstractmethod
+    def step(self, unit: Unit, loss: torch.Tensor, want_grad_norm: bool = False) -> float | None:
+        """backward + (clip) + optimizer step on ``unit``; the (unscaled) grad norm when asked or clipping."""
+
+    # -- checkpoint state (the layout around it is checkpoint.py's)
+    @abc.abstractmethod
+    def save(self, folder: Path) -> None:
+        """Write the units' weights and optimizer states into ``folder`` (every rank calls it)."""
+
+    @abc.abstractmethod
+    def load(self, folder: Path) -> None:
+        """Restore what :meth:`save` wrote, onto this engine's prepared units."""
+
+
+def make_engine(cfg: ExperimentConfig) -> Engine:
+    """The engine ``train.engine`` names; a rank started by a launcher first arranges to stop when the launcher dies."""
+    from bicogan_dist.train.launcher import stop_with_launcher
+
+    stop_with_launcher()
+    if cfg.train.engine == "deepspeed":
+        from bicogan_dist.train.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg.train.deepspeed_config, cfg.train.mixed_precision,
+                               micro_batch_size=cfg.data.batch_size)
+    from bicogan_dist.train.engine import AccelerateEngine
+
+    return AccelerateEngine(cfg.train.mixed_precision)
+
+
+# -- shared by both engines
+class GeneratorEncoder(nn.Module):
+    """G and E as one unit: one forward gives G(z, c) and E(x) for both steps of an iteration.
+
+    With ``encode_fake`` it also encodes the fake batch, E_z(G(z, c)), for the latent cycle
+    loss; that stays inside this (DDP-wrapped) forward so every gradient path is one DDP pass.
+    """
+
+    def __init__(self, G: nn.Module, E: nn.Module | None) -> None:
+        super().__init__()
+        self.G = G
+        self.E = E
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None, encode_fake: bool = False):
+        """(fake, z_hat, c_logits) and, with ``encode_fake``, z_rec = E_z(fake)."""
+        fake = self.G(z, c)
+        if self.E is None or x is None:
+            return (fake, None, None, None) if encode_fake else (fake, None, None)
+        z_hat, c_logits = self.E(x)
+        if not encode_fake:
+            return fake, z_hat, c_logits
+        z_rec, _ = self.E(fake)  # a separate call: the paper E's BatchNorm must not mix real and fake
+        return fake, z_hat, c_logits, z_rec
+
+
+def adam(module: nn.Module, unit: Unit, optim_cfg: OptimConfig) -> torch.optim.Adam:
+    """Plain torch Adam for ``unit`` from ``optim.*`` (both engines: DeepSpeed's FusedAdam would compile an op)."""
+    lr = optim_cfg.lr_ge if unit == "ge" else optim_cfg.lr_d
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(optim_cfg.beta1, optim_cfg.beta2))
+
+
+def all_reduce(tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
+    """Sum or max over ranks, out of place (a no-op in a single process)."""
+    if world_size == 1:
+        return tensor
+    out = tensor.clone()
+    reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(out, op=reduce_op)
+    return out
+
+
+def grad_norm(params: Iterable[nn.Parameter]) -> float:
+    """Global L2 norm of the gradients present (0.0 when none), for logging when nothing clips."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
