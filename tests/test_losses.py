@@ -225,7 +225,7 @@ def test_loss_config_defaults_and_from_dict():
     cfg = LossConfig()
     assert (cfg.loss, cfg.gp_weight, cfg.clip_value, cfg.efl_alpha, cfg.efl_rho, cfg.efl_phi) == \
         ("hinge", 10.0, 0.01, 5.0, 0.25, 10.0)
-    assert (cfg.latent_weight, cfg.mode_seeking_weight, cfg.mode_seeking_pool) == (0.0, 0.0, 1)
+    assert (cfg.latent_weight, cfg.mode_seeking_weight, cfg.mode_seeking_pool) == (0.1, 0.0, 1)
     assert from_dict(LossConfig, {"loss": "bce", "efl_rho": "0.5"}).efl_rho == 0.5
     with pytest.raises(ConfigError):
         from_dict(LossConfig, {"loss": "lsgan"})
