@@ -420,16 +420,9 @@ class RunLock:
         parts = owner.split()
         if len(parts) != 2 or not parts[1].isdigit():
             return True  # unreadable: left by a crash mid-write
-        host, pid = parts[0], int(parts[1])
-        if host != socket.gethostname():
-            return False  # cannot tell from here; another node's run may be alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        from bicogan_dist.atomic_dir import process_gone
+
+        return process_gone(parts[0], int(parts[1]))  # another host's, or unsure: alive
 
     def release(self) -> None:
         if self.held:
