@@ -1,11 +1,12 @@
 """The BiCoGAN training loop, readable top to bottom.
 
-One iteration ("step"): a single forward of G(z, c) and E(x) shared by both updates;
+One iteration ("step"): the batch sorted by emotion (the fakes take the same emotions, so D's
+minibatch-stddev groups each hold one); a single forward of G(z, c) and E(x) shared by both updates;
 the D update on (real, fake) tuples concatenated into one batch; then the G/E update
 through the plain D module with D frozen (so D's DDP hooks never fire in the G/E
 step), plus the extrinsic factor loss on E's emotion logits for real images and
 (unless ``loss.latent_weight`` is 0) the latent cycle loss ||E_z(G(z, c)) - z||^2.
-Optional terms, each a config weight: mode seeking over fake pairs (i, i + B/2) that share
+Optional terms, each a config weight: mode seeking over fake pairs (2i, 2i + 1) that share
 an emotion, ADC-GAN's real-k / fake-k head on D, and DiffAugment on every image D sees.
 
 Exact resume: the data order is a pure function of (seed, epoch, rank) and z (and D's
