@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -59,7 +60,8 @@ def test_console_scripts_are_the_cli_mains():
     assert sorted(found) == sorted(SCRIPTS)
     for name, command in SCRIPTS.items():
         assert found[name].value == f"bicogan_dist.cli.{command}:main"
-        assert found[name].load().__module__ == f"bicogan_dist.cli.{command}"
+        module = importlib.import_module(f"bicogan_dist.cli.{command}")
+        assert found[name].load() == module.main and module.main.__self__ is module.COMMAND
 
 
 def test_positionals_and_options_may_be_mixed():

@@ -10,7 +10,8 @@
     cli/ablate.py        bicogan-ablate             tools/ablate_augmentations.py
     cli/probe.py         (none)                     python -m bicogan_dist.cli.probe (tests, tools/bench_engines.py)
 
-Each ``main(argv=None) -> int`` parses with ``parse_intermixed_args`` (positionals and options in any
+Each module declares a ``common.Command`` (flags, value checks, action, the errors a user can fix);
+its ``main(argv=None) -> int`` parses with ``parse_intermixed_args`` (positionals and options in any
 order), calls one library function and turns the errors a user can fix into ``error: ...`` on stderr
 and exit code 2 (``common.py``). This package sits at the top of the import graph: it may import
 anything in bicogan_dist, and nothing in bicogan_dist imports it (except ``train/__main__``).

@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
-from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import USER_ERROR, Command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,31 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags → namespace; overrides may stand before, between or after the options."""
-    return parse(build_parser(), argv, [(lambda a: a.tolerance < 0, "--tolerance must be >= 0")])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 on success (the table, then the files written), 2 with ``error: ...`` when a setting fails or input is bad."""
+def _ablate(args: argparse.Namespace) -> int:
+    """Train and measure every setting, print the table and the files written."""
     import torch
 
-    from bicogan_dist.evaluate.ablation import AblationError, ablation_markdown, run_ablation
-    from bicogan_dist.export import ExportError
+    from bicogan_dist.evaluate.ablation import ablation_markdown, run_ablation
 
-    args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = [n.strip() for n in args.settings.split(",") if n.strip()] if args.settings else None
+    result = run_ablation(args.shards, args.classifier, args.steps, args.out, args.tolerance, args.overrides,
+                          names, args.num_samples, args.split, device, args.seed, shlex.split(args.launch),
+                          args.configs, args.rerun, args.baseline_repeats)
+    print(ablation_markdown(result))
+    print(f"wrote {Path(args.out) / 'ablation.md'} and {Path(args.out) / 'ablation.json'}")
+    return 0
 
-    def action() -> int:
-        result = run_ablation(args.shards, args.classifier, args.steps, args.out, args.tolerance, args.overrides,
-                              names, args.num_samples, args.split, device, args.seed, shlex.split(args.launch),
-                              args.configs, args.rerun, args.baseline_repeats)
-        print(ablation_markdown(result))
-        print(f"wrote {Path(args.out) / 'ablation.md'} and {Path(args.out) / 'ablation.json'}")
-        return 0
 
-    return run_command(action, {(AblationError, ExportError, FileNotFoundError, ValueError): USER_ERROR})
+def _errors() -> dict:
+    from bicogan_dist.evaluate.ablation import AblationError
+    from bicogan_dist.export import ExportError
+
+    return {(AblationError, ExportError, FileNotFoundError, ValueError): USER_ERROR}
+
+
+#: 0 on success, 2 with ``error: ...`` when a setting fails or input is bad; overrides may stand anywhere.
+COMMAND = Command(build_parser, _ablate, _errors, [(lambda a: a.tolerance < 0, "--tolerance must be >= 0")])
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 USER_ERROR = 2
@@ -17,6 +18,9 @@ NON_FINITE_LOSS = 3
 ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
 #: (is_bad(args), message): a value check argparse's types cannot express.
 Check = tuple[Callable[[argparse.Namespace], bool], str]
+#: Exception types → exit code; a function so that the library is imported only when the command runs
+#: (``--help`` stays fast).
+ErrorCodes = Callable[[], Mapping[ExceptionTypes, int]]
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, checks: Sequence[Check] = ()
@@ -56,3 +60,26 @@ def run_command(action: Callable[[], int], errors: Mapping[ExceptionTypes, int])
             if isinstance(exc, types):
                 return fail(exc, code)
         raise
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command line: its parser, the value checks, the action and the errors that are the user's doing.
+
+    A ``cli/<name>.py`` module declares ``COMMAND = Command(...)`` and exposes ``main = COMMAND.main`` (the
+    console script) and ``parse_args = COMMAND.parse_args``; only the flags and the action differ per command.
+    """
+
+    build_parser: Callable[[], argparse.ArgumentParser]
+    action: Callable[[argparse.Namespace], int]
+    errors: ErrorCodes = dict
+    checks: Sequence[Check] = field(default_factory=tuple)
+
+    def parse_args(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """Flags → namespace; a failing check exits 2 with argparse's usage message."""
+        return parse(self.build_parser(), argv, self.checks)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """The command's exit code (see the module docstring for the convention)."""
+        args = self.parse_args(argv)
+        return run_command(lambda: self.action(args), self.errors())

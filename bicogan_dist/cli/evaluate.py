@@ -6,9 +6,8 @@ The work is :func:`bicogan_dist.evaluate.evaluation.evaluate_export`; the files 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import USER_ERROR, Command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,30 +35,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags → namespace; --num-samples below 1 exits 2 with argparse's usage message."""
-    return parse(build_parser(), argv, [(lambda a: a.num_samples < 1, "--num-samples must be >= 1")])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 on success (headline numbers and the files written), 2 with ``error: ...`` on bad input."""
-    from bicogan_dist.config import ConfigError
-    from bicogan_dist.data.manifest import ShardError
+def _evaluate(args: argparse.Namespace) -> int:
+    """Evaluate, write the report files and print the headline numbers."""
     from bicogan_dist.evaluate.evaluation import evaluate_export
     from bicogan_dist.evaluate.report import summary_lines, write_report
+
+    report = evaluate_export(args.export, args.shards, args.classifier, num_samples=args.num_samples,
+                             split=args.split, device=args.device, seed=args.seed, kid_subsets=args.kid_subsets,
+                             kid_subset_size=args.kid_subset_size, transfer_limit=args.transfer_limit)
+    for line in summary_lines(report, write_report(report, args.out)):
+        print(line)
+    return 0
+
+
+def _errors() -> dict:
+    from bicogan_dist.config import ConfigError
+    from bicogan_dist.data.manifest import ShardError
     from bicogan_dist.export import ExportError
 
-    args = parse_args(argv)
+    return {(ExportError, ShardError, ConfigError, FileNotFoundError, ValueError): USER_ERROR}
 
-    def action() -> int:
-        report = evaluate_export(args.export, args.shards, args.classifier, num_samples=args.num_samples,
-                                 split=args.split, device=args.device, seed=args.seed, kid_subsets=args.kid_subsets,
-                                 kid_subset_size=args.kid_subset_size, transfer_limit=args.transfer_limit)
-        for line in summary_lines(report, write_report(report, args.out)):
-            print(line)
-        return 0
 
-    return run_command(action, {(ExportError, ShardError, ConfigError, FileNotFoundError, ValueError): USER_ERROR})
+#: 0 on success, 2 with ``error: ...`` on bad input.
+COMMAND = Command(build_parser, _evaluate, _errors, [(lambda a: a.num_samples < 1, "--num-samples must be >= 1")])
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import USER_ERROR, Command
 from bicogan_dist.export import ONNX_FILE, ONNX_OPSET
+
+
+DESCRIPTION = ("Convert a training checkpoint (DDP or DeepSpeed) into an export: generator.safetensors (EMA weights "
+               "of G), encoder.safetensors (E, for bigan/bicogan), export.json, and with --onnx generator.onnx. "
+               "Loading an export never unpickles.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The converter's flags."""
-    p = argparse.ArgumentParser(
-        prog="convert_checkpoint",
-        description="Convert a training checkpoint (DDP or DeepSpeed) into an export: generator.safetensors "
-                    "(EMA weights of G), encoder.safetensors (E, for bigan/bicogan), export.json, and with --onnx "
-                    "generator.onnx. Loading an export never unpickles.")
+    p = argparse.ArgumentParser(prog="convert_checkpoint", description=DESCRIPTION)
     p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                    help="a run folder (its newest complete checkpoint is used) or a checkpoint-XXXXXXXX folder")
     p.add_argument("--out", required=True, metavar="EXPORT_DIR", help="export folder (written atomically)")
@@ -30,28 +30,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags → namespace; an opset below 17 exits 2 with argparse's usage message."""
-    return parse(build_parser(), argv, [(lambda a: a.opset < 17, "--opset must be at least 17")])
+def _export(args: argparse.Namespace) -> int:
+    """Write the export and print one line naming it and its files."""
+    from bicogan_dist.export import META_FILE, export_checkpoint
+
+    out = export_checkpoint(args.source, args.out, onnx=args.onnx, force=args.force, opset=args.opset)
+    meta = json.loads((out / META_FILE).read_text())
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"exported {meta['model']['kind']} (step {meta['source']['step']}, {meta['source']['engine']}) "
+          f"to {out}: {files}")
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 on success (one line naming the export and its files), 2 with ``error: ...`` on bad input."""
+def _errors() -> dict:
     from bicogan_dist.config import ConfigError
-    from bicogan_dist.export import META_FILE, ExportError, export_checkpoint
+    from bicogan_dist.export import ExportError
     from bicogan_dist.train.checkpoint import CheckpointError
 
-    args = parse_args(argv)
+    return {(ExportError, ConfigError, CheckpointError): USER_ERROR}
 
-    def action() -> int:
-        out = export_checkpoint(args.source, args.out, onnx=args.onnx, force=args.force, opset=args.opset)
-        meta = json.loads((out / META_FILE).read_text())
-        files = ", ".join(sorted(p.name for p in out.iterdir()))
-        print(f"exported {meta['model']['kind']} (step {meta['source']['step']}, {meta['source']['engine']}) "
-              f"to {out}: {files}")
-        return 0
 
-    return run_command(action, {(ExportError, ConfigError, CheckpointError): USER_ERROR})
+#: 0 on success, 2 with ``error: ...`` on bad input; an opset below 17 is a usage error.
+COMMAND = Command(build_parser, _export, _errors, [(lambda a: a.opset < 17, "--opset must be at least 17")])
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,9 +6,8 @@ does the work. Errors are not caught: a failing probe should show its traceback 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
-from bicogan_dist.cli.common import parse
+from bicogan_dist.cli.common import Command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 after this rank's files are written."""
+def _probe(args: argparse.Namespace) -> int:
     from bicogan_dist.train.probe import run_probe
 
-    args = parse(build_parser(), argv)
     run_probe(args.out, args.config, args.overrides)
     return 0
+
+
+#: 0 after this rank's files are written; nothing is caught (a failing probe shows its traceback to the test).
+COMMAND = Command(build_parser, _probe)
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

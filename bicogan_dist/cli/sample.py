@@ -5,9 +5,8 @@ The work is :func:`bicogan_dist.sample.run`; its module docstring describes the 
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import USER_ERROR, Command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,27 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags → namespace; sizes below 1 exit 2 with argparse's usage message."""
-    return parse(build_parser(), argv, [(lambda a: a.batch_size < 1, "--batch-size must be at least 1"),
-                                        (lambda a: a.limit < 1, "--limit must be at least 1"),
-                                        (lambda a: a.shard_size < 1, "--shard-size must be at least 1")])
+def _sample(args: argparse.Namespace) -> int:
+    from bicogan_dist.sample import SampleRequest, run
+
+    print(f"wrote {run(SampleRequest(**vars(args)))}")
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 on success (``wrote PATH``), 2 with ``error: ...`` on bad input."""
+def _errors() -> dict:
     from bicogan_dist.data.manifest import ShardError
     from bicogan_dist.data.readers import DataFormatError
     from bicogan_dist.export import ExportError
-    from bicogan_dist.sample import SampleError, SampleRequest, run
+    from bicogan_dist.sample import SampleError
 
-    args = parse_args(argv)
+    return {(SampleError, ExportError, ShardError, DataFormatError): USER_ERROR}
 
-    def action() -> int:
-        print(f"wrote {run(SampleRequest(**vars(args)))}")
-        return 0
 
-    return run_command(action, {(SampleError, ExportError, ShardError, DataFormatError): USER_ERROR})
+#: 0 on success (``wrote PATH``), 2 with ``error: ...`` on bad input; sizes below 1 are usage errors.
+COMMAND = Command(build_parser, _sample, _errors, [(lambda a: a.batch_size < 1, "--batch-size must be at least 1"),
+                                                   (lambda a: a.limit < 1, "--limit must be at least 1"),
+                                                   (lambda a: a.shard_size < 1, "--shard-size must be at least 1")])
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,9 +6,8 @@ script calling :func:`main` must do so under ``if __name__ == "__main__"``.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
-from bicogan_dist.cli.common import OS_ERROR, USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import OS_ERROR, USER_ERROR, Command
 from bicogan_dist.data.shards import DEFAULT_SHARD_SIZE
 
 
@@ -38,33 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Flags → namespace; contradictory or out-of-range values exit 2 with argparse's usage message."""
-    return parse(build_parser(), argv, [
-        (lambda a: (a.source is None) == (a.synthetic is None), "give exactly one of SOURCE and --synthetic N"),
-        (lambda a: a.shard_size < 1, "--shard-size must be at least 1"),
-        (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1")])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 on success, 2 with ``error: ...`` on bad input or an occupied --out, 1 on an OS error (disk full, no
-    permission: not the input's fault, but no traceback either)."""
-    from bicogan_dist.atomic_dir import OutputExistsError
-    from bicogan_dist.data.readers import DataFormatError
+def _shard(args: argparse.Namespace) -> int:
     from bicogan_dist.data.shards import ShardOptions, build_shards
 
-    args = parse_args(argv)
     opts = ShardOptions(keep_disgust=args.keep_disgust, shard_size=args.shard_size,
                         drop_duplicates=args.drop_duplicates, drop_leaks=args.drop_leaks,
                         drop_blank=args.drop_blank, force=args.force, progress=not args.no_progress)
     if args.workers is not None:
         opts.workers = max(1, args.workers)
+    build_shards(args.source, args.out, opts, synthetic=args.synthetic, seed=args.seed)
+    return 0
 
-    def action() -> int:
-        build_shards(args.source, args.out, opts, synthetic=args.synthetic, seed=args.seed)
-        return 0
 
-    return run_command(action, {(DataFormatError, OutputExistsError): USER_ERROR, OSError: OS_ERROR})
+def _errors() -> dict:
+    from bicogan_dist.atomic_dir import OutputExistsError
+    from bicogan_dist.data.readers import DataFormatError
+
+    return {(DataFormatError, OutputExistsError): USER_ERROR, OSError: OS_ERROR}
+
+
+#: 0 on success, 2 with ``error: ...`` on bad input or an occupied --out, 1 on an OS error (disk full, no
+#: permission: not the input's fault, but no traceback either).
+COMMAND = Command(build_parser, _shard, _errors, [
+    (lambda a: (a.source is None) == (a.synthetic is None), "give exactly one of SOURCE and --synthetic N"),
+    (lambda a: a.shard_size < 1, "--shard-size must be at least 1"),
+    (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1")])
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

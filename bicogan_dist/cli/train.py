@@ -8,9 +8,9 @@ checkpoint, 3 when a loss turns non-finite (every rank stops; nothing is saved a
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Sequence
+from typing import Callable
 
-from bicogan_dist.cli.common import NON_FINITE_LOSS, USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import NON_FINITE_LOSS, USER_ERROR, Command
 
 
 def _evaluator_factory(cfg) -> Callable | None:
@@ -41,26 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 when training finished (or was stopped by SIGTERM/SIGINT and saved), 2 on a user error, 3 on a
-    non-finite loss."""
+def _train(args: argparse.Namespace) -> int:
+    from bicogan_dist.train.config import load_config
+    from bicogan_dist.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
+    if result.engine.is_main:
+        print(f"done: {result.run_dir} at step {result.step}", flush=True)
+    return 0
+
+
+def _errors() -> dict:
     from bicogan_dist.config import ConfigError
     from bicogan_dist.data.manifest import ShardError
     from bicogan_dist.train.checkpoint import CheckpointError
-    from bicogan_dist.train.config import load_config
-    from bicogan_dist.train.trainer import NonFiniteLossError, train
+    from bicogan_dist.train.trainer import NonFiniteLossError
 
-    args = parse(build_parser(), argv)  # overrides may stand before or after --resume
+    return {(ConfigError, ShardError, CheckpointError): USER_ERROR, NonFiniteLossError: NON_FINITE_LOSS}
 
-    def action() -> int:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
-        if result.engine.is_main:
-            print(f"done: {result.run_dir} at step {result.step}", flush=True)
-        return 0
 
-    return run_command(action, {(ConfigError, ShardError, CheckpointError): USER_ERROR,
-                                NonFiniteLossError: NON_FINITE_LOSS})
+#: 0 when training finished (or was stopped by SIGTERM/SIGINT and saved), 2 on a user error, 3 on a
+#: non-finite loss. Overrides may stand before or after --resume.
+COMMAND = Command(build_parser, _train, _errors)
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,9 +7,8 @@ The work is :func:`bicogan_dist.evaluate.classifier.train_classifier`.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
 
-from bicogan_dist.cli.common import USER_ERROR, parse, run_command
+from bicogan_dist.cli.common import USER_ERROR, Command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,33 +48,39 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(w) for w in text.split(",") if w.strip())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """0 on success (accuracy per held-out split), 2 with ``error: ...`` on bad input or a bad shard folder."""
+def _train_classifier(args: argparse.Namespace) -> int:
+    """Train, export and print the held-out accuracies."""
     import torch
 
-    from bicogan_dist.config import ConfigError
-    from bicogan_dist.data.manifest import ShardError, ShardManifest
+    from bicogan_dist.data.manifest import ShardManifest
     from bicogan_dist.evaluate.classifier import ClassifierConfig, ClassifierTrainConfig, train_classifier
 
-    args = parse(build_parser(), argv)
+    widths = _ints(args.widths)
+    convs = _ints(args.convs) if args.convs else (1,) + (2,) * (len(widths) - 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ClassifierTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                precision=args.precision, seed=args.seed)
+    n_cls = len(ShardManifest.load(args.shards).label_names)
+    arch = ClassifierConfig(widths=widths, convs=convs, feature_dim=args.feature_dim, dropout=args.dropout,
+                            num_classes=n_cls)
+    doc = train_classifier(args.shards, args.out, arch, cfg, args.device, progress=not args.no_progress,
+                           limit=args.limit)
+    acc = ", ".join(f"{k} {v:.2%}" for k, v in doc["accuracy"].items())
+    print(f"classifier: {acc} (flip TTA) in {doc['training']['seconds']:.0f} s on {args.device}; wrote {args.out}")
+    return 0
 
-    def action() -> int:
-        widths = _ints(args.widths)
-        convs = _ints(args.convs) if args.convs else (1,) + (2,) * (len(widths) - 1)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        cfg = ClassifierTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    precision=args.precision, seed=args.seed)
-        n_cls = len(ShardManifest.load(args.shards).label_names)
-        arch = ClassifierConfig(widths=widths, convs=convs, feature_dim=args.feature_dim, dropout=args.dropout,
-                                num_classes=n_cls)
-        doc = train_classifier(args.shards, args.out, arch, cfg, args.device, progress=not args.no_progress,
-                               limit=args.limit)
-        acc = ", ".join(f"{k} {v:.2%}" for k, v in doc["accuracy"].items())
-        print(f"classifier: {acc} (flip TTA) in {doc['training']['seconds']:.0f} s on {args.device}; wrote {args.out}")
-        return 0
 
-    return run_command(action, {(ConfigError, FileNotFoundError, ShardError): USER_ERROR})
+def _errors() -> dict:
+    from bicogan_dist.config import ConfigError
+    from bicogan_dist.data.manifest import ShardError
+
+    return {(ConfigError, FileNotFoundError, ShardError): USER_ERROR}
+
+
+#: 0 on success (accuracy per held-out split), 2 with ``error: ...`` on bad input or a bad shard folder.
+COMMAND = Command(build_parser, _train_classifier, _errors)
+main, parse_args = COMMAND.main, COMMAND.parse_args
 
 
 if __name__ == "__main__":  # pragma: no cover
