@@ -48,11 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bicogan_dist.data.manifest import ShardError
     from bicogan_dist.train.checkpoint import CheckpointError
     from bicogan_dist.train.config import load_config
+    from bicogan_dist.train.launcher import multinode_address_problem
     from bicogan_dist.train.trainer import NonFiniteLossError, train
 
     args = parse(build_parser(), argv)  # overrides may stand before or after --resume
 
     def action() -> int:
+        problem = multinode_address_problem()  # a multi-node job rendezvousing on a loopback address
+        if problem:
+            raise ConfigError(problem)
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
         if result.engine.is_main:
