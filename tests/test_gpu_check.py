@@ -107,3 +107,29 @@ def test_dry_run_every_step_ok(tmp_path):
     assert "| step | status | key numbers | GPU peak MiB | GPU util % (mean / max) | s |" in md
     assert all(f"| {name} | {status[name]} |" in md for name in DRY_ROWS)
     assert md in proc.stdout  # the same table is printed
+
+
+def test_a_step_past_its_timeout_is_stopped_with_its_children(tmp_path):
+    """The timeout ends the whole process group (a launcher's ranks included) and names the limit."""
+    from bicogan_dist.evaluate.gpu_check import DRY_SIZES, Context, StepError
+
+    ctx = Context(DRY_SIZES, tmp_path, dry_run=True)
+    pid_file = tmp_path / "grandchild.pid"
+    script = f"import subprocess, time; p = subprocess.Popen(['sleep', '300']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(300)"
+    with pytest.raises(StepError, match=r"^timed out after 3 s \(log "):
+        ctx.run("sleepy", [sys.executable, "-c", script], timeout=3)
+    grandchild = int(pid_file.read_text())
+    import time
+
+    def gone(pid: int) -> bool:  # a zombie waiting for a container's init to reap it counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return True
+
+    for _ in range(50):
+        if gone(grandchild):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {grandchild} outlived the timeout")

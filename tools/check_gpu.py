@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                         "are replaced)")
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny sizes")
     p.add_argument("--budget", type=float, default=None,
-                   help="overall seconds (default 570 on the GPU, none in a dry run); later steps are FAIL when spent")
+                   help="overall seconds (default 540 on the GPU, none in a dry run); later steps are FAIL when spent")
     p.add_argument("--only", default=None, help="comma-separated step ids to run (default: all)")
     args = p.parse_args(argv)
 

@@ -40,6 +40,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -90,7 +91,7 @@ GPU_SIZES = Sizes(
     device="cuda", synthetic=24_000, batch=256, steps=200, more_steps=100, width=1.0, z_dim=100,
     throughput_batches=(1024, 4096), throughput_steps={"ours": 80, "paper": 30},
     throughput_log_every={"ours": 20, "paper": 10}, loader_batch=1024, loader_seconds=4.0, loader_workers=4,
-    budget_s=570.0,
+    budget_s=540.0,  # + up to 40 s to stop a step that overran: under 10 minutes in all
     timeouts={"install": 240, "shard_synthetic": 90, "shard_fer2013": 90, "train": 120, "throughput": 90,
               "compile": 180, "loader": 90, "deepspeed": 180, "cpu_config": 90},
 )
@@ -228,6 +229,20 @@ def first_error_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the step's process group (ranks save and exit), SIGKILL after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class Context:
     """What steps share: sizes, folders, the children's environment, and results later steps use."""
 
@@ -256,10 +271,12 @@ class Context:
         with open(log, "a") as fh:
             fh.write("$ " + shlex.join(cmd) + "\n")
             fh.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=env or self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    timeout=timeout, start_new_session=True).returncode
+                rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                _kill_group(proc)  # the launcher and its ranks: nothing of this step may run into the next
                 raise StepError(f"timed out after {timeout:.0f} s (log {log})") from None
         text = log.read_text(errors="replace")
         if rc != 0:
@@ -309,11 +326,17 @@ def step_install(ctx: Context, timeout: float) -> tuple[str, dict[str, Any]]:
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
     installed = False
     if missing:
-        ctx.run("install", [sys.executable, "-m", "pip", "install", "-e", f"{ROOT}[deepspeed]"], timeout)
+        # Few retries: a machine without a package index should fail this row in seconds, not minutes.
+        try:
+            ctx.run("install", [sys.executable, "-m", "pip", "install", "--retries", "1", "--timeout", "15", "-e",
+                                f"{ROOT}[deepspeed]"], timeout)
+        except StepError as exc:
+            raise StepError(f"{', '.join(missing)} missing and pip install failed: {exc}") from None
         installed = True
-    probe = ("import json, torch, accelerate, deepspeed; c = torch.cuda.is_available(); "
+    probe = ("import json, torch, accelerate; c = torch.cuda.is_available()\n"
+             "try:\n    import deepspeed; ds = deepspeed.__version__\nexcept ImportError:\n    ds = None\n"
              "print(json.dumps({'torch': torch.__version__, 'accelerate': accelerate.__version__, "
-             "'deepspeed': deepspeed.__version__, 'cuda': torch.version.cuda, 'cuda_available': c, "
+             "'deepspeed': ds, 'cuda': torch.version.cuda, 'cuda_available': c, "
              "'gpu': torch.cuda.get_device_name(0) if c else None, 'gpus': torch.cuda.device_count()}))")
     text = ctx.run("install_probe", [sys.executable, "-c", probe], timeout)
     info = json.loads(text.strip().splitlines()[-1])
