@@ -209,3 +209,14 @@ def test_sbatch_overrides_unsplit_and_term_reaches_the_step(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_benchmarks_pick_the_launch_config_of_the_device():
+    """bench_quality's --device: cpu trains under cpu_2proc.yaml (CPU on any machine), cuda under 1gpu.yaml."""
+    from bicogan_dist.evaluate.quality import default_launch
+
+    cpu, gpu = default_launch("cpu"), default_launch("cuda:0")
+    assert cpu[cpu.index("--config_file") + 1] == str(LAUNCH / "cpu_2proc.yaml")
+    assert gpu[gpu.index("--config_file") + 1] == str(LAUNCH / "1gpu.yaml")
+    with pytest.raises(ValueError, match="device: 'mps' is not cpu or cuda"):
+        default_launch("mps")
