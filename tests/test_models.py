@@ -361,3 +361,16 @@ def test_paper_arch_forward_backward_small_batch():
 def test_forward_backward_at_batch_128(arch):
     """The paper's batch size runs end to end (G, E and D on real+fake); no timing assertion."""
     _full_pass(arch, 128)
+
+
+@pytest.mark.parametrize("kind", ["gan", "bicogan"])
+def test_every_d_takes_the_trainers_with_class_logits_call(kind):
+    """The trainer calls D(..., with_class_logits=False) for every arch; the paper's D once lacked the keyword
+    (every arch=paper run stopped with a TypeError at step 1)."""
+    cfg, m = cached(kind, "paper")
+    _, (x, z, c), _, _ = tuples(cfg, m, b=2)
+    m.D.eval()  # no dropout: the two calls must agree exactly
+    with torch.no_grad():
+        assert torch.equal(m.D(x, z, c, with_class_logits=False), m.D(x, z, c))
+    with pytest.raises(ValueError, match="no class head"):
+        m.D(x, z, c, with_class_logits=True)

@@ -1,7 +1,7 @@
-"""Benchmark: the trainer under DeepSpeed ZeRO against Accelerate DDP, same config, 2 CPU processes.
+"""Benchmark: the trainer under DeepSpeed ZeRO against Accelerate DDP, same config, 2 CPU processes (or 2 GPUs).
 
     python tools/bench_engines.py [--shards DIR] [--steps 40] [--width 0.5] [--batch 64] [--precision no]
-                                  [--engines ddp,zero1,zero2] [--repeats 1]
+                                  [--engines ddp,zero1,zero2] [--repeats 1] [--device cpu|cuda]
 
 Each engine runs the real trainer once under ``accelerate launch`` with
 launch_configs/accelerate/cpu_2proc.yaml (bicogan_dist/train/probe.py wraps it and reports each rank's
@@ -48,9 +48,11 @@ def run_engine(key: str, shards: Path, work: Path, args: argparse.Namespace, rep
                  "log.progress=false"]
     if ds_config is not None:
         overrides.append(f"train.deepspeed_config={ds_config}")
+    # cpu: the two-process CPU config (stays on the CPU on a GPU machine); cuda: two GPUs of the 8-GPU config.
+    launch_cfg = "cpu_2proc.yaml" if args.device == "cpu" else "8gpu_bf16.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch_configs" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-           *PROBE, str(out), *overrides]
+           str(ROOT / "launch_configs" / "accelerate" / launch_cfg), "--num_processes", "2",
+           "--main_process_port", str(free_port()), *PROBE, str(out), *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))  # DeepSpeed's comm op, compiled once
     env.pop("ACCELERATE_USE_CPU", None)
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=float, default=0.5, help="model.width (arch ours)")
     parser.add_argument("--batch", type=int, default=64, help="data.batch_size per process")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: 2 CPU processes (cpu_2proc.yaml); cuda: 2 GPUs (8gpu_bf16.yaml, --num_processes 2)")
     parser.add_argument("--engines", default="ddp,zero2", help=f"comma-separated subset of {sorted(ENGINES)}")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the engines in turn this many times; rows show the median run (noisy machines)")

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--launch", default=None,
                    help='training launcher (default: accelerate launch with 2 CPU processes, or 1gpu.yaml on a GPU)')
-    p.add_argument("--device", default=None, help="evaluation device (default cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda: where rows train (unless --launch) and are evaluated (default cuda when available)")
     p.add_argument("--rerun", action="store_true", help="discard earlier results in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every row's training")
     args = p.parse_intermixed_args(argv)

@@ -1,6 +1,10 @@
 """Benchmark: images/s of the trainer's step against a minimal plain-PyTorch loop on the same networks.
 
-    python tools/bench_train.py [--shards DIR] [--steps 75] [--rounds 2] [--no-paper] [--no-ddp]
+    python tools/bench_train.py [--shards DIR] [--steps 75] [--rounds 2] [--no-paper] [--no-ddp] [--device auto|cpu|cuda]
+
+``--device cpu`` hides the GPUs from every run (CUDA_VISIBLE_DEVICES=""), so a GPU machine measures
+the CPU; ``cuda`` runs the plain loop and the single-process trainer on the first GPU (the DDP row
+stays the 2-process CPU job). ``auto`` (default): cuda when torch sees one.
 
 Prints one table (medians over the logged intervals of each run after the first, all runs
 in this one invocation; plain and trainer runs alternate and the ratio is the median of
@@ -31,8 +35,9 @@ SEED_KERAS_IMAGES_PER_S = 16.9
 LATENT_WEIGHT = {"ours": 1.0, "paper": 0.0}
 
 
-def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, interval: int) -> list[float]:
-    """images/s per ``interval``-step interval of a bare PyTorch loop (runs in this process)."""
+def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, interval: int,
+               device: str = "cpu") -> list[float]:
+    """images/s per ``interval``-step interval of a bare PyTorch loop (runs in this process, on ``device``)."""
     import torch
     from torch.nn import functional as F
 
@@ -42,18 +47,19 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
     torch.manual_seed(0)
     cfg = ModelConfig(kind="bicogan", arch=arch, width=width)
     latent = LATENT_WEIGHT[arch] > 0
-    m = build_models(cfg, 6)
+    dev = torch.device(device)
+    m = build_models(cfg, 6).to(dev)
     G, E, D = m.G, m.E, m.D
     opt_ge = torch.optim.Adam(list(G.parameters()) + list(E.parameters()), 2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
     loss_cfg = LossConfig()
-    x = torch.rand(batch, 1, 48, 48) * 2 - 1
-    y = torch.randint(0, 6, (batch,))
+    x = (torch.rand(batch, 1, 48, 48) * 2 - 1).to(dev)
+    y = torch.randint(0, 6, (batch,)).to(dev)
     onehot = F.one_hot(y, 6).float()
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     rates, t0 = [], time.perf_counter()
     for step in range(1, steps + 1):
-        z = torch.randn(batch, cfg.z_dim)
+        z = torch.randn(batch, cfg.z_dim, device=dev)
         with amp:
             fake = G(z, y)
             z_hat, logits = E(x)
@@ -75,6 +81,8 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
         opt_ge.step()
         D.requires_grad_(True)
         if step % interval == 0:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             now = time.perf_counter()
             rates.append(interval * batch / (now - t0))
             t0 = now
@@ -82,7 +90,7 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
 
 
 def trainer_rates(cmd_prefix: list[str], shards: Path, run_dir: Path, arch: str, batch: int, steps: int,
-                  precision: str, width: float, log_every: int) -> list[float]:
+                  precision: str, width: float, log_every: int, env: dict[str, str] | None = None) -> list[float]:
     """Run the real trainer as a subprocess and read its logged images/s from TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -91,7 +99,7 @@ def trainer_rates(cmd_prefix: list[str], shards: Path, run_dir: Path, arch: str,
                         f"train.max_steps={steps}", f"train.mixed_precision={precision}", "augment.ops=[]",
                         f"log.log_every={log_every}", f"log.image_every={10 * steps}", f"log.checkpoint_every={10 * steps}",
                         "log.progress=false", f"loss.latent_weight={LATENT_WEIGHT[arch]}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"trainer failed:\n{proc.stderr[-3000:]}")
@@ -114,13 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper-rounds", type=int, default=1, help="the same for arch paper (minutes per run)")
     parser.add_argument("--paper-steps", type=int, default=12,
                         help="steps per arch-paper run (seconds per step here), logged every 4")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the single-process runs train (cpu hides the GPUs from every run)")
     parser.add_argument("--plain", nargs=5, metavar=("ARCH", "BATCH", "STEPS", "PRECISION", "INTERVAL"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plain:  # child mode: one plain loop in a fresh process, result as JSON
         arch, batch, steps, precision, interval = args.plain
-        print(json.dumps(plain_loop(arch, int(batch), int(steps), precision, args.width, int(interval))))
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the parent hid the GPUs for --device cpu
+        print(json.dumps(plain_loop(arch, int(batch), int(steps), precision, args.width, int(interval), device)))
         return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    child_env = dict(os.environ)
+    if args.device == "cpu":
+        child_env["CUDA_VISIBLE_DEVICES"] = ""  # plain loop and trainer alike stay on the CPU
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     shards = args.shards
@@ -145,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds if arch == "ours" else args.paper_rounds):
             child = subprocess.run([sys.executable, __file__, "--plain", arch, str(batch), str(steps), precision,
                                     str(every), "--width", str(width)], cwd=ROOT, capture_output=True, text=True,
-                                   check=True)
+                                   check=True, env=child_env)
             plains.append(statistics.median(json.loads(child.stdout.strip().splitlines()[-1])))
             trainers.append(statistics.median(trainer_rates(single, shards, tmp / f"run_{arch}_{precision}_{r}", arch,
-                                                            batch, steps, precision, width, every)))
+                                                            batch, steps, precision, width, every, child_env)))
             print(f"{arch} b{batch} {precision} round {r + 1}: trainer {trainers[-1]:.1f} img/s, "
                   f"plain {plains[-1]:.1f} img/s", file=sys.stderr, flush=True)
         ratio = statistics.median(t / p for t, p in zip(trainers, plains))

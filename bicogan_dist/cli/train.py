@@ -42,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from bicogan_dist.config import ConfigError
     from bicogan_dist.train.config import load_config
+    from bicogan_dist.train.launcher import multinode_address_problem
     from bicogan_dist.train.trainer import train
 
+    problem = multinode_address_problem()  # a multi-node job rendezvousing on a loopback address
+    if problem:
+        raise ConfigError(problem)
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
     if result.engine.is_main:

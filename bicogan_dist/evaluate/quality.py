@@ -126,11 +126,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_launch() -> list[str]:
-    """Two CPU processes (the tests' and the quick start's launcher) on a machine without a GPU, else one GPU."""
+def default_launch(device: str | None = None) -> list[str]:
+    """Training on ``device``: "cpu" is two CPU processes (the tests' and the quick start's launcher, which stays on
+    the CPU on a GPU machine too), "cuda" one GPU; None picks cuda when torch sees one."""
     import torch
 
-    config = CPU_2PROC if not torch.cuda.is_available() else ROOT / "launch_configs" / "accelerate" / "1gpu.yaml"
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not cpu or cuda")
+    config = CPU_2PROC if kind == "cpu" else ROOT / "launch_configs" / "accelerate" / "1gpu.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--main_process_port", str(free_port())]
 
@@ -270,7 +276,7 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
                 shutil.rmtree(folder)  # a row interrupted before its report: train it afresh
             log(f"[{row.name}] training {row_steps} steps ({row.config}.yaml {' '.join(extra)})")
             seconds = train_run(row.name, CONFIGS / f"{row.config}.yaml", folder / "run", shards, row_steps, extra,
-                                default_launch() if launch is None else launch, folder / "train.log")
+                                default_launch(device) if launch is None else launch, folder / "train.log")
             export_checkpoint(folder / "run", folder / "export", force=True)
             if real is None:
                 real = RealData.load(shards, split, clf)

@@ -470,7 +470,11 @@ class PaperDiscriminator(nn.Module):
         _init_keras(self)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
-                c: torch.Tensor | None = None) -> torch.Tensor:
+                c: torch.Tensor | None = None, with_class_logits: bool = False) -> torch.Tensor:
+        """The score. ``with_class_logits`` is the trainer's uniform call (ours' D may carry ADC-GAN's head);
+        the paper's D has no class head, so asking for its logits is an error."""
+        if with_class_logits:
+            raise ValueError("D has no class head: model.d_class_head applies to arch=ours only")
         feats = [self.x_net(x)]
         if self.uses_z:
             feats.append(_need(z, "z", self.kind, "D"))

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Mapping
 
 #: linux/prctl.h
 PR_SET_PDEATHSIG = 1
@@ -100,3 +101,42 @@ def report_error(message: str) -> None:
             json.dump({"message": message, "timestamp": int(time.time())}, fh)
     except OSError:
         pass  # the message is on stderr already; the report only repeats it
+
+
+#: Addresses that name this machine only: a rendezvous host other nodes can never reach.
+LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
+
+
+def nodes_in_job(env: Mapping[str, str] | None = None) -> int:
+    """How many machines the launcher's job spans: torchrun's ``GROUP_WORLD_SIZE`` (agents, one per node), else
+    ``WORLD_SIZE // LOCAL_WORLD_SIZE``; 1 outside a launcher."""
+    env = os.environ if env is None else env
+    try:
+        if env.get("GROUP_WORLD_SIZE"):
+            return int(env["GROUP_WORLD_SIZE"])
+        if env.get("WORLD_SIZE") and env.get("LOCAL_WORLD_SIZE"):
+            return max(1, int(env["WORLD_SIZE"]) // max(1, int(env["LOCAL_WORLD_SIZE"])))
+    except ValueError:
+        return 1
+    return 1
+
+
+def multinode_address_problem(env: Mapping[str, str] | None = None) -> str | None:
+    """Why this multi-node job's rendezvous address is wrong (unset, or this machine only), else None.
+
+    ``launch_configs/accelerate/multinode_2x8.yaml`` has no default address on purpose: with
+    127.0.0.1 every node would rendezvous with itself. A job whose nodes could not meet hangs in
+    torchrun's rendezvous before any rank starts, so this check (run by every rank at start) sees
+    the jobs that did meet with a loopback address on some node, and the launch command names the fix.
+    """
+    env = os.environ if env is None else env
+    nodes = nodes_in_job(env)
+    if nodes <= 1:
+        return None
+    addr = (env.get("MASTER_ADDR") or "").strip()
+    if addr and addr != "None" and not addr.lower().startswith(LOOPBACK):
+        return None
+    shown = addr or "unset"
+    return (f"a {nodes}-node job needs node 0's address, but MASTER_ADDR is {shown}: pass "
+            f"--main_process_ip NODE0_ADDRESS (an address every node can reach) to accelerate launch on every node, "
+            f"as launch_configs/slurm/train_multinode.sbatch does")
