@@ -15,7 +15,7 @@ from torch import nn
 from bicogan_dist.models.networks import GANModels
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import OptimConfig
-from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam, grad_norm
+from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam, device_defaults, grad_norm
 
 
 class AccelerateEngine(Engine):
@@ -44,6 +44,7 @@ class AccelerateEngine(Engine):
     def prepare(self, models: GANModels, optim_cfg: OptimConfig, compile_models: bool = False,
                 channels_last: bool = False) -> None:
         """Wrap G+E and D for DDP and create one optimizer and one GradScaler per unit."""
+        device_defaults(self.device, self.mixed_precision)
         ge: nn.Module = GeneratorEncoder(models.G, models.E).to(self.device)
         d: nn.Module = models.D.to(self.device)
         if channels_last:
