@@ -317,7 +317,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             last = step == cfg.train.max_steps
             at_log = step % cfg.log.log_every == 0 or last
             at_images = step % cfg.log.image_every == 0 or last
-            at_eval = evaluator is not None and (step % cfg.eval.every == 0 or last)
+            # The same on every rank (the evaluator exists on rank 0 only): the flag comparison below is collective.
+            at_eval = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or last)
             at_checkpoint = step % cfg.log.checkpoint_every == 0 or last
             # The ranks compare flags (a non-finite loss since the last comparison, a stop signal) only
             # every train.sync_every steps, and always before anything is logged or saved: nothing is
@@ -351,7 +352,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             if at_images:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
-            if at_eval:
+            if at_eval and evaluator is not None:
                 monitor.scalars(step, evaluator(G_ema, ge_raw.E, label_names))
             if at_checkpoint:
                 saved = ckpt.save(run_dir, step, engine, G_ema, {
