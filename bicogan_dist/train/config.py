@@ -172,7 +172,7 @@ def launched_world_size() -> int:
 
 
 def per_process_batch(global_batch: int, world_size: int) -> int:
-    """``train.global_batch_size`` split over ``world_size`` processes; an error naming the key when it does not divide."""
+    """``train.global_batch_size`` split over ``world_size`` processes; an error naming the key if not divisible."""
     if global_batch % world_size:
         lower, upper = global_batch // world_size * world_size, (global_batch // world_size + 1) * world_size
         raise ConfigError(f"train.global_batch_size: {global_batch} images per step do not split evenly over "

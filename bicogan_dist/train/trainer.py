@@ -160,7 +160,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     models = build_models(cfg.model, n_cls)
     G_ema = copy.deepcopy(models.G).to(device).requires_grad_(False)
-    engine.prepare(models, scaled_optim(cfg.optim, cfg.data.batch_size * world), compile_models=cfg.train.compile, channels_last=cfg.model.channels_last)
+    engine.prepare(models, scaled_optim(cfg.optim, cfg.data.batch_size * world), compile_models=cfg.train.compile,
+                   channels_last=cfg.model.channels_last)
     ge_raw, D_raw = engine.unwrap("ge"), engine.unwrap("d")
     # The G/E step's frozen D: compiled apart from the engine's D (no DDP, parameters frozen), so each of the
     # two is traced once and the requires_grad_ toggles never change what either sees.
