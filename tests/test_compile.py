@@ -68,3 +68,25 @@ def test_compiled_equals_eager_and_resumes_across_compile_on_off(shards, tmp_pat
     resume_from_step_2(eager, tmp_path / "e_then_c", shards, compile_=True)  # eager 2 steps, compiled 2 more
     assert_close(checkpoint_tensors(tmp_path / "c_then_e" / final), straight_e, atol=2e-3)
     assert_close(checkpoint_tensors(tmp_path / "e_then_c" / final), straight_c, atol=2e-3)
+
+
+def test_compiled_ddp_on_two_processes_stays_in_sync(shards, tmp_path):
+    """Compiled after the DDP wrap (gloo, 2 CPU ranks): the ranks hold the same weights and nothing retraces."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_train import CPU_2PROC, PROBE, SMOKE, TINY, accelerate_cmd, free_port
+
+    out, run_dir = tmp_path / "probe", tmp_path / "run"
+    proc = run(accelerate_cmd("--config_file", str(CPU_2PROC), "--main_process_port", str(free_port()),
+                              *PROBE, str(out), "--config", str(SMOKE), f"data.shards={shards}",
+                              f"log.run_dir={run_dir}", *TINY, "train.max_steps=3", "train.compile=true",
+                              "log.log_every=1", "log.image_every=100"), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads((out / f"rank{r}.json").read_text())["world_size"] for r in (0, 1)] == [2, 2]
+    rank0, rank1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 10
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+    scalars, _ = scalars_and_images(run_dir)
+    assert scalars["compile/graphs"] == [3.0, 3.0, 3.0]
