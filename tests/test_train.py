@@ -169,7 +169,21 @@ def test_nan_loss_stops_with_step_and_loss_and_saves_nothing_after(shards, tmp_p
     assert names == ["checkpoint-00000001", "checkpoint-00000002"]
 
 
+def test_nan_between_flag_comparisons_still_names_its_step_and_saves_nothing_after(shards, tmp_path):
+    """Flags are compared every train.sync_every steps (and at every log/image/checkpoint step): a NaN at step 6,
+    between the checkpoint at 4 and the comparison at 7, is reported as step 6 and nothing after it is saved."""
+    run_dir = tmp_path / "run"
+    proc = run(train_cmd(run_dir, shards, "train.max_steps=20", "log.log_every=100", "log.image_every=100",
+                         "log.checkpoint_every=4", "train.sync_every=7", "train.inject_nan_at_step=6"))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 6: non-finite loss (loss/d=nan" in proc.stderr
+    assert "compared flags at step 7 (train.sync_every)" in proc.stderr
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["checkpoint-00000004"]
+
+
 @pytest.mark.parametrize("override, message", [
+    ("train.sync_every=0", "train.sync_every must be an integer >= 1, got 0"),
     ("model.knd=gan", "unknown config key model.knd"),
     ("model.kind=vae", "model.kind: 'vae' is not one of"),
     ("train.max_steps=0", "train.max_steps must be >= 1"),

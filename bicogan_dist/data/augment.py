@@ -6,7 +6,9 @@ built from it:
 
 * ``imgaug``: the paper's own library, per image on the CPU. The reference.
 * ``torch``: batched on the images' device. Per-sample parameters are drawn from a
-  CPU ``torch.Generator`` (same numbers on any device), all geometric ops of a run of
+  CPU ``torch.Generator`` (same numbers on any device, so a resumed or moved run repeats
+  them) and reach a GPU through pinned memory without blocking (``_to_device``: no host
+  sync per batch), all geometric ops of a run of
   consecutive ops become one affine matrix per image and one ``affine_grid`` +
   ``grid_sample`` call, with imgaug's defaults (bilinear, constant 0 outside the image,
   rotation about the centre pixel at ((W-1)/2, (H-1)/2), uint8 rounding between ops).
@@ -267,6 +269,15 @@ class TorchAugmenter(Augmenter):
 _EYE = torch.eye(3, dtype=torch.float64)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU-drawn parameter tensor on ``device``: on CUDA through pinned memory with ``non_blocking`` (a plain
+    ``.to()`` from pageable memory waits for the GPU's queue to drain); the pinned block is not reused
+    before the copy is done (torch's caching host allocator records it on the stream)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _normalised_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 2) grid_sample coordinates (align_corners=False) of every output pixel's source.
 
@@ -278,7 +289,7 @@ def _normalised_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # normalised coordinates, align_corners=False: pixel j ↔ (j - (W-1)/2) / (W/2)
     half = torch.tensor([w / 2, h / 2], dtype=torch.float64)
     theta = torch.cat([inv[:, :, :2] * half[None, None, :] / half[None, :, None], (inv[:, :, 2] / half)[:, :, None]], 2)
-    theta = theta.to(torch.float32).to(x.device)
+    theta = _to_device(theta.to(torch.float32), x.device)
     return torch.matmul(_base_grid(h, w, x.device), theta.transpose(1, 2)).reshape(b, h, w, 2)
 
 
@@ -293,7 +304,12 @@ def _base_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 def _half(x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[-2:]
-    return torch.tensor([w / 2, h / 2], dtype=torch.float32, device=x.device)
+    return _half_cached(h, w, x.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _half_cached(h: int, w: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([w / 2, h / 2], dtype=torch.float32).to(device)
 
 
 def _pixel_grid(forward: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +347,7 @@ def _resample(x: torch.Tensor, run: list[tuple[str, torch.Tensor]]) -> torch.Ten
         if not bool(moved.any()):
             return x
         idx = moved.nonzero().squeeze(1)
-        on_device = idx.to(x.device)
+        on_device = _to_device(idx, x.device)
         out = x.clone()
         out[on_device] = _resample(x[on_device], [(kind, m[idx]) for kind, m in run])
         return out
@@ -340,7 +356,7 @@ def _resample(x: torch.Tensor, run: list[tuple[str, torch.Tensor]]) -> torch.Ten
     if all(kind == "crop" for kind, _ in run):
         half = _half(x)
         pix = grid * half + (half - 0.5)
-        s = torch.linalg.inv(forward)[:, [0, 1], [0, 1]].abs().to(torch.float32).to(x.device)[:, None, None, :]
+        s = _to_device(torch.linalg.inv(forward)[:, [0, 1], [0, 1]].abs().to(torch.float32), x.device)[:, None, None, :]
         a = pix + 0.5 - s / 2  # left/top edge of the box (s < 1 input pixels) an output pixel covers
         k = a.floor()
         pix = k + ((a + s - k - 1) / s).clamp_(0, 1)  # weight of the next pixel = its overlap / s
@@ -368,7 +384,7 @@ def _gamma(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     table = (levels[None, :] ** params["gamma"].to(torch.float32)[:, None] * 255).clamp_(0, 255).floor_()
     table[~params["apply"]] = torch.arange(256, dtype=torch.float32)
     idx = x.reshape(x.shape[0], -1).long()
-    return table.to(x.device).gather(1, idx).reshape(x.shape)
+    return _to_device(table, x.device).gather(1, idx).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- imgaug

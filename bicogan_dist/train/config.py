@@ -5,7 +5,9 @@ Validation happens once, here, at start: an unknown key or a bad value raises
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +32,20 @@ class OptimConfig:
     beta1: float = 0.0
     beta2: float = 0.99
     grad_clip: float = 0.0  # max global grad norm per optimizer; 0 = off
+    # How the learning rates follow the global batch (data.batch_size x processes): none = lr_ge/lr_d as written;
+    # linear / sqrt = multiplied by (global batch / reference_batch) or its square root (see ``scaled_optim``).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch: int = 64  # the global batch at which lr_ge/lr_d hold (lr_scaling linear / sqrt)
 
     def __post_init__(self) -> None:
         for name in ("lr_ge", "lr_d"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        if self.lr_scaling not in ("none", "linear", "sqrt"):
+            raise ConfigError(f"optim.lr_scaling: {self.lr_scaling!r} is not one of ['none', 'linear', 'sqrt']")
+        if isinstance(self.reference_batch, bool) or not isinstance(self.reference_batch, int) \
+                or self.reference_batch < 1:
+            raise ConfigError(f"optim.reference_batch must be an integer >= 1, got {self.reference_batch!r}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -48,7 +59,14 @@ class TrainConfig:
     seed: int = 0
     # None: take the precision from the accelerate launch config (``mixed_precision:``).
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
-    ema_decay: float = 0.999  # EMA of G's weights; 0 disables (EMA = G)
+    ema_decay: float = 0.999  # EMA of G's weights per step; 0 disables (EMA = G)
+    # EMA half-life in thousands of images (StyleGAN's ema_kimg); when set it replaces ema_decay:
+    # decay per step = 0.5 ** (global batch / (1000 * ema_kimg)), the same average whatever the process count.
+    ema_kimg: float | None = None
+    # Images per step over all processes; when set, data.batch_size (per process) is derived from it as
+    # global_batch_size / WORLD_SIZE and any data.batch_size given is replaced (this key takes precedence).
+    global_batch_size: int | None = None
+    sync_every: int = 10  # steps between the ranks' comparisons of stop / non-finite flags (one host sync each)
     compile: bool = False  # torch.compile G, E and D
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine: deepspeed)
@@ -60,6 +78,14 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_kimg is not None and not (isinstance(self.ema_kimg, (int, float)) and self.ema_kimg > 0):
+            raise ConfigError(f"train.ema_kimg must be > 0 (or null to use train.ema_decay), got {self.ema_kimg!r}")
+        for name in ("global_batch_size", "sync_every"):
+            value = getattr(self, name)
+            if value is None and name == "global_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -113,6 +139,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.log.run_dir:
             self.log.run_dir = str(Path("runs") / self.name)
+        if self.train.global_batch_size is not None:
+            self.data = dataclasses.replace(
+                self.data, batch_size=per_process_batch(self.train.global_batch_size, launched_world_size()))
         if self.train.engine == "deepspeed" and not self.train.deepspeed_config:
             raise ConfigError("train.deepspeed_config: required when train.engine is deepspeed "
                               "(for example launch_configs/deepspeed/zero2.json)")
@@ -129,6 +158,55 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def launched_world_size() -> int:
+    """The number of processes of this run as the launcher announces it (``WORLD_SIZE``: accelerate launch,
+    torchrun, deepspeed), before any process group exists; 1 without a launcher."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE: expected an integer number of processes, got {value!r}") from None
+    return max(world, 1)
+
+
+def per_process_batch(global_batch: int, world_size: int) -> int:
+    """``train.global_batch_size`` split over ``world_size`` processes; an error naming the key if not divisible."""
+    if global_batch % world_size:
+        lower, upper = global_batch // world_size * world_size, (global_batch // world_size + 1) * world_size
+        raise ConfigError(f"train.global_batch_size: {global_batch} images per step do not split evenly over "
+                          f"{world_size} processes; choose a multiple of {world_size} (e.g. "
+                          f"{lower or upper} or {upper}), or unset it and give data.batch_size per process")
+    return global_batch // world_size
+
+
+def check_world_size(cfg: ExperimentConfig, world_size: int) -> None:
+    """The batch was split for the world size the engine really has (WORLD_SIZE may lie outside a launcher)."""
+    g = cfg.train.global_batch_size
+    if g is not None and cfg.data.batch_size * world_size != g:
+        raise ConfigError(f"train.global_batch_size: {g} was split as {cfg.data.batch_size} per process for "
+                          f"WORLD_SIZE={launched_world_size()}, but the run has {world_size} processes; start it "
+                          f"through a launcher that sets WORLD_SIZE (accelerate launch, torchrun)")
+
+
+def scaled_optim(optim: OptimConfig, global_batch: int) -> OptimConfig:
+    """``optim`` with lr_ge / lr_d scaled for ``global_batch`` images per step by ``optim.lr_scaling``.
+
+    none: unchanged. linear: x (global_batch / reference_batch) (Goyal et al.'s rule for SGD);
+    sqrt: x sqrt(global_batch / reference_batch) (the usual rule for Adam). GANs are sensitive to
+    the learning rate, so the default is none: state the rule you want.
+    """
+    ratio = global_batch / optim.reference_batch
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[optim.lr_scaling]
+    return dataclasses.replace(optim, lr_ge=optim.lr_ge * factor, lr_d=optim.lr_d * factor)
+
+
+def ema_decay_per_step(train: TrainConfig, global_batch: int) -> float:
+    """The EMA decay of one step: ``train.ema_decay``, or from ``train.ema_kimg`` (a half-life in images)."""
+    if train.ema_kimg is None:
+        return train.ema_decay
+    return 0.5 ** (global_batch / (1000.0 * train.ema_kimg))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

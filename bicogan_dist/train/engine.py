@@ -15,7 +15,7 @@ from torch import nn
 from bicogan_dist.models.networks import GANModels
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import OptimConfig
-from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam, grad_norm
+from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam, device_defaults, grad_norm
 
 
 class AccelerateEngine(Engine):
@@ -44,6 +44,7 @@ class AccelerateEngine(Engine):
     def prepare(self, models: GANModels, optim_cfg: OptimConfig, compile_models: bool = False,
                 channels_last: bool = False) -> None:
         """Wrap G+E and D for DDP and create one optimizer and one GradScaler per unit."""
+        device_defaults(self.device, self.mixed_precision)
         ge: nn.Module = GeneratorEncoder(models.G, models.E).to(self.device)
         d: nn.Module = models.D.to(self.device)
         if channels_last:
@@ -53,9 +54,12 @@ class AccelerateEngine(Engine):
         self.grad_clip = optim_cfg.grad_clip
         fp16 = self.mixed_precision == "fp16"
         self.scalers = {k: torch.amp.GradScaler(self.device.type, enabled=fp16) for k in ("ge", "d")}
-        if compile_models:
-            ge, d = torch.compile(ge), torch.compile(d)
         self.ge, self.d = self.accelerator.prepare(ge, d)
+        if compile_models:
+            # After the DDP wrap, as DDP recommends (its optimizer splits graphs at bucket boundaries so
+            # communication overlaps the backward); unwrap() still reaches the plain modules, so
+            # checkpoints hold plain keys and a compiled run resumes uncompiled and back.
+            self.ge, self.d = torch.compile(self.ge), torch.compile(self.d)
 
     # -- facts about the process group -------------------------------------------------
     @property
@@ -83,7 +87,9 @@ class AccelerateEngine(Engine):
     # -- modules ----------------------------------------------------------------------
     def unwrap(self, unit: Unit) -> nn.Module:
         """The plain module (no DDP/compile wrapper) of ``ge`` or ``d``."""
-        return self.accelerator.unwrap_model(getattr(self, unit))
+        # keep_torch_compile=False: accelerate keeps the compile wrapper by default, whose state_dict keys carry
+        # ``_orig_mod.`` and whose forward the frozen-D call of the G/E step would recompile.
+        return self.accelerator.unwrap_model(getattr(self, unit), keep_torch_compile=False)
 
     def learning_rate(self, unit: Unit) -> float:
         return self.optimizers[unit].param_groups[0]["lr"]
@@ -101,7 +107,8 @@ class AccelerateEngine(Engine):
             scaler.unscale_(opt)
             params = [p for g in opt.param_groups for p in g["params"]]
             if self.grad_clip > 0:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+                total = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                norm = float(total) if want_grad_norm else None  # float() waits for the device: only when asked
             else:
                 norm = grad_norm(iter(params))
         scaler.step(opt)

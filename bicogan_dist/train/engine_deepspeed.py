@@ -81,7 +81,7 @@ import torch
 from torch import nn
 
 from bicogan_dist.config import ConfigError
-from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam
+from bicogan_dist.train.engine_base import Engine, GeneratorEncoder, Unit, adam, device_defaults
 
 if TYPE_CHECKING:
     from bicogan_dist.models.networks import GANModels
@@ -360,6 +360,7 @@ class DeepSpeedEngine(Engine):
         if compile_models:
             raise ConfigError("train.compile: not supported with train.engine=deepspeed; use train.engine=ddp "
                               "or train.compile=false")
+        device_defaults(self.device, self.mixed_precision)
         self.grad_clip = optim_cfg.grad_clip
         self.resolved = resolve_config(self.config_path, self._mixed_precision_arg, self._micro, optim_cfg.grad_clip,
                                        launch_precision=os.environ.get("ACCELERATE_MIXED_PRECISION"))

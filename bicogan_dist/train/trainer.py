@@ -37,7 +37,7 @@ from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_wei
                                         adc_d_loss, adc_g_loss, latent_cycle_loss, mode_seeking_loss)
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
-from bicogan_dist.train.config import ExperimentConfig
+from bicogan_dist.train.config import ExperimentConfig, check_world_size, ema_decay_per_step, scaled_optim
 from bicogan_dist.train.engine_base import Engine, make_engine
 from bicogan_dist.train.monitor import Monitor, encoder_accuracy
 
@@ -78,6 +78,44 @@ class StopFlags:
         self.requested = True
 
 
+class LossHealth:
+    """The first step whose loss was NaN or inf, recorded on the device so that watching costs no host sync.
+
+    ``record`` runs every step (device ops only); ``agree`` is the one host sync: every rank learns
+    the earliest non-finite step of any rank and whether any rank was asked to stop.
+    """
+
+    NONE = 2 ** 62  # "no non-finite step yet"; steps are far below
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.losses = torch.zeros(3, device=device)  # loss/d, loss/ge, loss/efl at that step (this rank)
+
+    def record(self, step: int, loss_d: torch.Tensor, loss_ge: torch.Tensor, loss_efl: torch.Tensor) -> None:
+        values = torch.stack([loss_d.detach().float(), loss_ge.detach().float(), loss_efl.detach().float()])
+        new = (~torch.isfinite(values[:2]).all()) & (self.first_bad == self.NONE)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.losses = torch.where(new, values, self.losses)
+
+    def agree(self, engine: Engine, stop_requested: bool, step: int) -> bool:
+        """Whether any rank asked to stop; raises NonFiniteLossError naming the first non-finite step of any rank."""
+        flags = torch.stack([-self.first_bad, torch.tensor(int(stop_requested), dtype=torch.int64, device=self.device)])
+        neg_first, stop = engine.all_reduce(flags, op="max").tolist()
+        first = -neg_first
+        if first != self.NONE:
+            if int(self.first_bad) == first:
+                d, ge, efl = self.losses.tolist()
+                what = f"loss/d={d:.4g}, loss/ge={ge:.4g}, loss/efl={efl:.4g}"
+            else:
+                what = f"on another rank than {engine.rank}"
+            raise NonFiniteLossError(
+                f"step {first}: non-finite loss ({what}) on at least one rank, found when the ranks compared flags "
+                f"at step {step} (train.sync_every); stopped without saving. "
+                f"Resume from the last good checkpoint with a lower learning rate or bf16 instead of fp16.")
+        return bool(stop)
+
+
 def prepare_run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, Path | None]:
     """The run folder and the checkpoint to resume from; refuses to mix a new run into an old one."""
     run_dir = Path(cfg.log.run_dir)
@@ -110,6 +148,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
 def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Path | None,
            evaluator_factory: EvaluatorFactory | None) -> TrainResult:
     device, rank, world = engine.device, engine.rank, engine.world_size
+    check_world_size(cfg, world)
 
     augmenter = build_augmenter(cfg.augment)
     data = build_loader(cfg.data, rank=rank, world_size=world, device=device, seed=cfg.train.seed,
@@ -121,8 +160,12 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     models = build_models(cfg.model, n_cls)
     G_ema = copy.deepcopy(models.G).to(device).requires_grad_(False)
-    engine.prepare(models, cfg.optim, compile_models=cfg.train.compile, channels_last=cfg.model.channels_last)
+    engine.prepare(models, scaled_optim(cfg.optim, cfg.data.batch_size * world), compile_models=cfg.train.compile,
+                   channels_last=cfg.model.channels_last)
     ge_raw, D_raw = engine.unwrap("ge"), engine.unwrap("d")
+    # The G/E step's frozen D: compiled apart from the engine's D (no DDP, parameters frozen), so each of the
+    # two is traced once and the requires_grad_ toggles never change what either sees.
+    D_frozen = torch.compile(D_raw) if cfg.train.compile else D_raw
     conditional, bidirectional = cfg.model.conditional, cfg.model.bidirectional
     efl_on = conditional and bidirectional
     latent_on = bidirectional and cfg.loss.latent_weight > 0
@@ -148,11 +191,16 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
     evaluator = None
     if evaluator_factory is not None and cfg.eval.every > 0 and engine.is_main:
         evaluator = evaluator_factory(device)
+    ema_decay = ema_decay_per_step(cfg.train, cfg.data.batch_size * world)
     monitor = Monitor(run_dir, engine.is_main, cfg.train.max_steps, start_step, cfg.log.progress)
     monitor.write(f"run {run_dir}: {cfg.model.kind}/{cfg.model.arch}, {world} process(es) on {device.type}, "
                   f"precision {engine.mixed_precision}, {per_epoch} batches/epoch of {cfg.data.batch_size}/process, "
                   f"starting at step {start_step}")
+    monitor.write(f"global batch {cfg.data.batch_size * world} images/step; lr/ge {engine.learning_rate('ge'):.4g}, "
+                  f"lr/d {engine.learning_rate('d'):.4g} (optim.lr_scaling {cfg.optim.lr_scaling}); EMA decay "
+                  f"{ema_decay:.6g}/step")
     stop = StopFlags()
+    health = LossHealth(device)
     sums: dict[str, torch.Tensor] = {}
     n_sum, t_last, step_last = 0, time.perf_counter(), start_step
     batches = None
@@ -171,7 +219,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             b = x.shape[0]
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
             z = torch.randn(b, cfg.model.z_dim, device=device, generator=gen)
-            want_norm = (step + 1) % cfg.log.log_every == 0
+            want_norm = (step + 1) % cfg.log.log_every == 0 or step + 1 == cfg.train.max_steps
 
             # One forward of G and E, shared by both updates.
             with engine.autocast():
@@ -226,11 +274,11 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             fake_t = (fake_d, z if bidirectional else None, c_fake)
             with engine.autocast():
                 if bidirectional:
-                    out = D_raw(*_cat(real_t, fake_t), with_class_logits=adc_on)
+                    out = D_frozen(*_cat(real_t, fake_t), with_class_logits=adc_on)
                     scores, cls_fake = (out[0], out[1][b:]) if adc_on else (out, None)
                     g_real, g_fake = scores.float()[:b], scores.float()[b:]
                 else:
-                    out = D_raw(*fake_t, with_class_logits=adc_on)
+                    out = D_frozen(*fake_t, with_class_logits=adc_on)
                     scores, cls_fake = out if adc_on else (out, None)
                     g_real, g_fake = None, scores.float()
             loss_adv = ge_loss(cfg.loss, g_real, g_fake)
@@ -248,18 +296,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
                 loss_ms = mode_seeking_loss(fake, z, pool=cfg.loss.mode_seeking_pool)
                 loss_ge = loss_ge + cfg.loss.mode_seeking_weight * loss_ms
             norm_ge = engine.step("ge", loss_ge, want_norm)
-            update_ema(G_ema, ge_raw.G, ema_decay_at(step, cfg.train.ema_decay))
-
-            # Every rank learns whether any rank saw a non-finite loss or a stop signal.
-            flags = engine.all_reduce(torch.stack([
-                (~torch.isfinite(torch.stack([loss_d.detach(), loss_ge.detach()]))).any().float(),
-                torch.tensor(float(stop.requested), device=device),
-            ]), op="max").tolist()
-            if flags[0]:
-                raise NonFiniteLossError(
-                    f"step {step + 1}: non-finite loss (loss/d={float(loss_d):.4g}, loss/ge={float(loss_ge):.4g}, "
-                    f"loss/efl={float(loss_efl):.4g}) on at least one rank; stopped without saving. "
-                    f"Resume from the last good checkpoint with a lower learning rate or bf16 instead of fp16.")
+            update_ema(G_ema, ge_raw.G, ema_decay_at(step, ema_decay))
+            health.record(step + 1, loss_d, loss_ge, loss_efl)  # on the device: no host sync per step
             step += 1
             monitor.advance()
 
@@ -277,7 +315,21 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
                 sums[k] = sums.get(k, 0) + v.detach().float()
             n_sum += 1
 
-            if step % cfg.log.log_every == 0 or step == cfg.train.max_steps:
+            last = step == cfg.train.max_steps
+            at_log = step % cfg.log.log_every == 0 or last
+            at_images = step % cfg.log.image_every == 0 or last
+            # The same on every rank (the evaluator exists on rank 0 only): the flag comparison below is collective.
+            at_eval = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or last)
+            at_checkpoint = step % cfg.log.checkpoint_every == 0 or last
+            # The ranks compare flags (a non-finite loss since the last comparison, a stop signal) only
+            # every train.sync_every steps, and always before anything is logged or saved: nothing is
+            # written after a non-finite step.
+            if not (at_log or at_images or at_eval or at_checkpoint or step % cfg.train.sync_every == 0):
+                continue
+            stopping = health.agree(engine, stop.requested, step)
+            at_checkpoint = at_checkpoint or stopping
+
+            if at_log:
                 keys = sorted(sums)
                 mean = engine.all_reduce(torch.stack([sums[k] for k in keys])) / (n_sum * world)
                 now = time.perf_counter()
@@ -289,32 +341,39 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
                 })
                 if norm_d is not None:
                     values.update({"grad_norm/d": norm_d, "grad_norm/ge": norm_ge})
-                if efl_on and heldout_x.numel():
+                if cfg.train.compile:  # graphs compiled so far: flat after the first step unless something retraces
+                    values["compile/graphs"] = compiled_graphs()
+                if efl_on and heldout_x.numel() and engine.is_main:  # only rank 0 writes scalars
                     values["encoder/heldout_accuracy"] = encoder_accuracy(ge_raw.E, heldout_x, heldout_y)
                 monitor.scalars(step, values)
                 sums, n_sum, t_last, step_last = {}, 0, now, step
 
-            at_images = step % cfg.log.image_every == 0 or step == cfg.train.max_steps
-            at_checkpoint = step % cfg.log.checkpoint_every == 0 or step == cfg.train.max_steps or flags[1]
             if world > 1 and (at_images or at_checkpoint):
                 average_buffers([ge_raw, D_raw, G_ema], engine)
             if at_images:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
-            if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+            if at_eval and evaluator is not None:
                 monitor.scalars(step, evaluator(G_ema, ge_raw.E, label_names))
             if at_checkpoint:
                 saved = ckpt.save(run_dir, step, engine, G_ema, {
                     "epoch": step / per_epoch, "batches_per_epoch": per_epoch, "model": cfg.to_dict()["model"],
                     "label_names": label_names}, keep=cfg.log.keep_checkpoints)
                 monitor.write(f"step {step}: checkpoint {saved}")
-            if flags[1]:
+            if stopping:
                 monitor.write(f"step {step}: stop signal received; checkpoint saved, exiting")
                 break
     finally:
         stop.restore()
         monitor.close()
     return TrainResult(run_dir, step, engine, G_ema)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def arrange_batch(x: torch.Tensor, y: torch.Tensor, sort_by_emotion: bool,
