@@ -192,7 +192,8 @@ def test_sbatch_overrides_unsplit_and_term_reaches_the_step(tmp_path):
     proc = subprocess.Popen(["bash", str(SBATCH), "exp dir/bicogan.yaml", *overrides], cwd=work, env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(out / "started"), proc.stderr.read() if proc.poll() is not None else "no start"
+        assert wait_for(out / "started"), (f"batch script exited {proc.returncode}: {proc.stderr.read()!r}"
+                                           if proc.poll() is not None else "no start")
         argv = (out / "argv").read_text().splitlines()
         assert argv[argv.index("--num_processes") + 1] == "16"
         assert argv[argv.index("--machine_rank") + 1] == "0"
