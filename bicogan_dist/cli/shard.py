@@ -9,7 +9,7 @@ import argparse
 from typing import Sequence
 
 from bicogan_dist.cli.common import OS_ERROR, USER_ERROR, parse, run_command
-from bicogan_dist.data.shards import DEFAULT_SHARD_SIZE
+from bicogan_dist.data.shards import DEFAULT_SHARD_SIZE, UPLOAD_SCHEMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes encoding PNGs and decoding image files (default: CPU count, at most 8; "
                         "1 = no extra processes; small inputs never start any)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--upload-to", metavar="DEST",
+                   help="after writing --out locally, print the commands that upload it to DEST (s3://bucket/prefix, "
+                        "gs://bucket/prefix, or the http(s):// URL a web server will serve it at) and the "
+                        "data.shards value that streams it back; nothing is uploaded")
     return p
 
 
@@ -43,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parse(build_parser(), argv, [
         (lambda a: (a.source is None) == (a.synthetic is None), "give exactly one of SOURCE and --synthetic N"),
         (lambda a: a.shard_size < 1, "--shard-size must be at least 1"),
-        (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1")])
+        (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1"),
+        (lambda a: a.upload_to is not None and not a.upload_to.startswith(UPLOAD_SCHEMES),
+         f"--upload-to must start with one of {', '.join(UPLOAD_SCHEMES)}")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     permission: not the input's fault, but no traceback either)."""
     from bicogan_dist.atomic_dir import OutputExistsError
     from bicogan_dist.data.readers import DataFormatError
-    from bicogan_dist.data.shards import ShardOptions, build_shards
+    from bicogan_dist.data.shards import ShardOptions, build_shards, upload_commands
 
     args = parse_args(argv)
     opts = ShardOptions(keep_disgust=args.keep_disgust, shard_size=args.shard_size,
@@ -62,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def action() -> int:
         build_shards(args.source, args.out, opts, synthetic=args.synthetic, seed=args.seed)
+        if args.upload_to:
+            print("\n".join(upload_commands(args.out, args.upload_to)))
         return 0
 
     return run_command(action, {(DataFormatError, OutputExistsError): USER_ERROR, OSError: OS_ERROR})

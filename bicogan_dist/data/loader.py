@@ -13,33 +13,44 @@ implementations promise the trainer the same things, because DDP and exact resum
   when ``count`` is divisible by ``world_size * batch_size`` (otherwise fewer than
   ``world_size * batch_size`` are left out).
 
-**memory** (default): every rank decodes the split once into one uint8 tensor on ``device``
-(FER2013's Training split is ~65 MB, ~2 s to decode); each epoch is a permutation drawn from
-``torch.Generator(epoch_seed(seed, e))``, identical on all ranks; global batch ``k`` is the slice
-``perm[k*W*B:(k+1)*W*B]`` and rank ``r`` takes its ``r``-th block of ``B``. Batches are gathered by
-index (on the device; numpy's take on CPU): no per-sample Python.
+``cfg.shards`` is a local folder, an ``http(s)://`` base URL or a ``pipe:`` command template
+(``bicogan_dist/data/shard_io.py``); both modes read shards through the one reader there
+(webdataset's tar iterator and key grouping, with the manifest's count and label checks), so a URL
+gives exactly the batches of the same shards in a folder.
 
-**stream**: a webdataset ``DataPipeline`` per DataLoader worker. Splitting is per *sample*, not per
-shard (FER2013 splits have 1-8 shards, fewer than ranks x workers, and shard-level splitting gives
-unequal counts): each epoch the shard order and an owner for every sample position are drawn from
-``epoch_seed(seed, e)`` (the same on all ranks): position ``j`` belongs to rank
-``perm[j] % world_size``, so every rank owns ``count // W`` or one more samples, a fresh random
-subset each epoch; a rank's samples are dealt round-robin to its workers. At construction each
-shard's tar headers are scanned once into a :class:`ShardIndex` (PNG byte ranges and labels; this
-is also the sample-count check); workers then read only the PNGs they keep from the memory-mapped
-tars (in epoch shard order) instead of each re-reading every shard (webdataset's ``tarfile``
-reader costs ~15x more per sample than this scan). A shuffle buffer of ``shuffle_buffer`` sample
-references, seeded by ``(seed, e, rank, worker)``, runs before decoding; workers hand over decoded
-chunks and the main process cuts them into batches of exactly ``batch_size`` and stops after
-``batches_per_epoch``. DataLoader returns worker chunks in a fixed round-robin order, so batches
-are deterministic. With ``resampled`` the epoch's shard sequence is drawn with replacement until it
-holds at least ``count`` samples: same epoch length, samples may repeat.
+**memory** (default): every rank reads the split once (in manifest order) and decodes it into one
+uint8 tensor on ``device`` (FER2013's Training split is ~65 MB); each epoch is a permutation drawn
+from ``torch.Generator(epoch_seed(seed, e))``, identical on all ranks; global batch ``k`` is the
+slice ``perm[k*W*B:(k+1)*W*B]`` and rank ``r`` takes its ``r``-th block of ``B``. Batches are
+gathered by index (on the device; numpy's take on CPU): no per-sample Python.
 
-Checks at construction, all ``ShardError`` naming the file: missing folder or manifest, missing
-split, missing shard, sha256 mismatch (``verify=True``), a malformed or truncated tar, a sample
-without png/cls or with a class outside the label map, and a shard whose real sample count differs
-from the manifest (both modes scan the headers before anything else, ~0.05 s a 4,000-sample
-shard). A stream worker also refuses a shard whose size or mtime changed since that scan.
+**stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`).
+
+* exact cover (``resampled: false``): the epoch's shard order and an owner for every sample
+  position are drawn from ``epoch_seed(seed, e)`` (the same on all ranks): position ``j`` belongs
+  to rank ``perm[j] % world_size``, so every rank owns ``count // W`` or one more samples, a fresh
+  random subset each epoch. Node splitting is thus per *sample* (FER2013 splits have 1-8 shards,
+  fewer than ranks x workers, and shard-level splitting gives unequal counts): every rank reads
+  every shard and keeps its positions (W reads of the split per epoch; ``cache_dir`` makes remote
+  ones local). Worker splitting is per shard (webdataset's ``split_by_worker``): a worker reads
+  every ``num_workers``-th shard of the epoch order; with fewer shards than workers some idle.
+* resampled (``resampled: true``): webdataset's ``ResampledShards`` draws shards with replacement,
+  seeded per ``(seed, e, rank, worker)``; every sample of a drawn shard is kept; ``with_epoch``
+  bounds each worker. Any number of shards works, each rank reads only what it uses, but samples
+  may repeat within a rank and across ranks and some are not seen in an epoch.
+
+Then ``shuffle`` (a buffer of ``shuffle_buffer`` samples, seeded by ``(seed, e, rank, worker)``),
+``map`` (PNG decode) and ``batched`` (chunks of ``_CHUNK``). The main process cuts the workers'
+chunks into batches of exactly ``batch_size`` and stops after ``batches_per_epoch``. DataLoader
+returns worker chunks in a fixed round-robin order, so batches are deterministic, also when
+workers hold unequal numbers of shards.
+
+Checks, all ``ShardError`` naming the file or URL: at construction a missing folder or manifest,
+a missing split, a missing local shard, sha256 mismatch (``verify=True``: every shard is read once
+through the same opener); while reading a truncated or malformed tar, a sample without png/cls or
+with a class outside the label map, a shard whose real sample count differs from the manifest,
+an HTTP error, a cut connection after ``retries`` reconnects, a ``pipe:`` command that exits
+non-zero. Memory mode reads everything at construction, so its errors all come there.
 
 Augmentation: ``augmenter(images, seed)`` is applied per batch with ``seed = batch_seed(seed, e, k,
 rank)``. In stream mode an augmenter whose ``backend`` is ``"imgaug"`` (CPU, numpy) runs inside the
