@@ -342,7 +342,8 @@ def test_wrong_sample_count_is_named(shard_copy, mode):
     info.shards[0].count += 1  # the split total still adds up: only the real count can tell
     info.shards[1].count -= 1
     manifest.save(shard_copy)
-    with pytest.raises(ShardError, match="Training-000000.tar holds 40 samples but the manifest says 41"):
+    with pytest.raises(ShardError, match="Training-000000.tar holds 40 samples but the manifest says 41|"
+                                         "Training-000001.tar holds more than the 39 samples"):
         list(build(shard_copy, mode).epoch(0))  # memory mode fails in build, stream mode while reading
 
 

@@ -332,3 +332,18 @@ def test_accelerate_training_from_http_matches_the_local_folder_and_resumes(serv
     assert "starting at step 4" in out
     w_split = _weights(split)
     assert all(torch.allclose(w_http[k].float(), w_split[k].float(), atol=1e-6, rtol=0) for k in w_http)
+
+
+def test_exact_cover_reads_the_split_about_once_per_epoch(served, tmp_path):
+    """4 ranks x 1 worker over 3 shards: each reader opens only the shards its block overlaps (at most
+    shards + readers opens an epoch, not ranks x shards), and the ranks still cover the split once."""
+    folder, _ = served
+    log = tmp_path / "opened"
+    cmd = f"pipe:echo {{}} >> {log}; exec cat {folder}/{{}}"
+    ranks = loaders(cmd, world=4, mode="stream", num_workers=1, batch_size=4)
+    log.write_text("")
+    seen = [i for src in ranks for x, _ in src.epoch(3) for i in ids(x)]
+    assert sorted(seen) == list(range(96))
+    opened = log.read_text().split()
+    assert set(opened) == {"Training-000000.tar", "Training-000001.tar", "Training-000002.tar"}
+    assert len(opened) <= 3 + 4

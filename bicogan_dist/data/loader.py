@@ -26,14 +26,15 @@ gathered by index (on the device; numpy's take on CPU): no per-sample Python.
 
 **stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`).
 
-* exact cover (``resampled: false``): the epoch's shard order and an owner for every sample
-  position are drawn from ``epoch_seed(seed, e)`` (the same on all ranks): position ``j`` belongs
-  to rank ``perm[j] % world_size``, so every rank owns ``count // W`` or one more samples, a fresh
-  random subset each epoch. Node splitting is thus per *sample* (FER2013 splits have 1-8 shards,
-  fewer than ranks x workers, and shard-level splitting gives unequal counts): every rank reads
-  every shard and keeps its positions (W reads of the split per epoch; ``cache_dir`` makes remote
-  ones local). Worker splitting is per shard (webdataset's ``split_by_worker``): a worker reads
-  every ``num_workers``-th shard of the epoch order; with fewer shards than workers some idle.
+* exact cover (``resampled: false``): the epoch's shard order and a rotation offset are drawn
+  from ``epoch_seed(seed, e)`` (the same on all ranks); the shards in that order, rotated, make
+  one sequence of ``count`` samples. Rank ``r`` owns the contiguous block
+  ``[r*count//W, (r+1)*count//W)`` (``count // W`` or one more samples: equal batch counts) and
+  its workers equal contiguous parts of that block, each a list of shard segments. So node and
+  worker splitting follow shards, as webdataset's splitters do, but cut at sample boundaries: with
+  fewer shards than ranks x workers several readers share a shard, each reading it from its start
+  up to the end of its part (a stream cannot seek; ``cache_dir`` makes repeats local). The whole
+  split is read about once per epoch when there are at least ranks x workers shards.
 * resampled (``resampled: true``): webdataset's ``ResampledShards`` draws shards with replacement,
   seeded per ``(seed, e, rank, worker)``; every sample of a drawn shard is kept; ``with_epoch``
   bounds each worker. Any number of shards works, each rank reads only what it uses, but samples
@@ -163,7 +164,7 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of everything that must agree across ranks in an epoch (permutation, shard order, owners)."""
+    """Seed of everything that must agree across ranks in an epoch (permutation, shard order, offset)."""
     return mix_seed(seed, epoch, 0xE70C)
 
 
@@ -416,28 +417,57 @@ class InMemoryBatches(BatchSource):
 
 @dataclass
 class _EpochPlan:
-    """What one rank streams in one epoch; the same arrays on every rank except ``rank``."""
+    """What one rank streams in one epoch: per worker, the shard segments it reads, in order."""
 
     epoch: int
     rank: int
-    order: list[int]  # exact cover: the epoch's shard order (each worker takes every num_workers-th)
-    starts: list[int]  # epoch position of the first sample of order[i]
-    owner: np.ndarray | None  # exact cover: rank of every epoch position; None when resampled
+    resampled: bool
+    segments: list[list[tuple[int, int, int]]]  # exact cover, per worker: (shard, first sample, end sample)
     chunks_per_worker: int  # resampled: chunks each worker yields (webdataset's with_epoch)
+
+
+def _unrotate(a: int, b: int, offset: int, total: int) -> list[tuple[int, int]]:
+    """Positions ``[a, b)`` of the epoch sequence rotated by ``offset`` as ranges of the unrotated one."""
+    if b <= a:
+        return []
+    s = (a + offset) % total
+    e = s + (b - a)
+    return [(s, e)] if e <= total else [(s, total), (0, e - total)]
 
 
 def _stream_plan(counts: Sequence[int], *, resampled: bool, seed: int, epoch: int, rank: int, world_size: int,
                  workers: int, need: int, chunk: int) -> _EpochPlan:
-    """Shard order and sample owners of an epoch, drawn identically on all ranks (module doc)."""
-    rng = np.random.default_rng(epoch_seed(seed, epoch))
+    """Who reads what in an epoch, drawn identically on all ranks (module doc).
+
+    Exact cover: the shards in a random order make one sequence of ``total`` samples, rotated by
+    a random offset; rank ``r`` owns the contiguous block ``[r*total//W, (r+1)*total//W)`` and its
+    workers equal contiguous parts of it, each part a list of shard segments ``[lo, hi)``.
+    """
+    n_workers = max(1, workers)
     if resampled:
-        per_worker = math.ceil(math.ceil(need / chunk) / max(1, workers)) + 1
-        return _EpochPlan(epoch, rank, [], [], None, per_worker)
+        per_worker = math.ceil(math.ceil(need / chunk) / n_workers) + 1
+        return _EpochPlan(epoch, rank, True, [], per_worker)
+    rng = np.random.default_rng(epoch_seed(seed, epoch))
     order = [int(i) for i in rng.permutation(len(counts))]
-    lengths = np.asarray([counts[i] for i in order], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64).tolist()
-    owner = (rng.permutation(int(lengths.sum())) % world_size).astype(np.int32)
-    return _EpochPlan(epoch, rank, order, starts, owner, 0)
+    total = int(sum(counts))
+    offset = int(rng.integers(total)) if total else 0
+    starts = np.concatenate([[0], np.cumsum([counts[i] for i in order])]).astype(np.int64)
+    lo_r, hi_r = rank * total // world_size, (rank + 1) * total // world_size
+    segments: list[list[tuple[int, int, int]]] = []
+    for w in range(n_workers):
+        a = lo_r + w * (hi_r - lo_r) // n_workers
+        b = lo_r + (w + 1) * (hi_r - lo_r) // n_workers
+        mine: list[tuple[int, int, int]] = []
+        for u, v in _unrotate(a, b, offset, total):
+            first = int(np.searchsorted(starts, u, side="right")) - 1
+            for i in range(first, len(order)):
+                if starts[i] >= v:
+                    break
+                lo, hi = max(u, starts[i]) - starts[i], min(v, starts[i + 1]) - starts[i]
+                if hi > lo:
+                    mine.append((order[i], int(lo), int(hi)))
+        segments.append(mine)
+    return _EpochPlan(epoch, rank, False, segments, 0)
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
@@ -460,14 +490,24 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
         self.split, self.plan, self.chunk, self.shuffle_buffer = split, plan, chunk, shuffle_buffer
         self.seed, self.augmenter = seed, augmenter
 
-    def _read_owned(self, shards: Iterator[dict]) -> Iterator[tuple[bytes, int, int, str]]:
-        """Pipeline stage: shard dicts → (png, label, shard, key) of this rank's samples."""
-        owner, rank = self.plan.owner, self.plan.rank
-        for shard in shards:
-            s, start = shard["shard"], shard["start"]
-            for j, (key, png, label) in enumerate(self.split.read(s)):
-                if owner is None or owner[start + j] == rank:
-                    yield png, label, s, key
+    def _read_segments(self, segments: Iterator[dict]) -> Iterator[tuple[bytes, int, int, str]]:
+        """Pipeline stage: shard segments → (png, label, shard, key) of their samples.
+
+        A segment ending before its shard's end stops reading there (the stream is closed); one that
+        reaches the end reads on to the end of the tar, so the sample-count check runs.
+        """
+        for seg in segments:
+            s, lo, hi = seg["shard"], seg["lo"], seg["hi"]
+            last = hi >= self.split.counts[s]
+            samples = self.split.read(s)
+            try:
+                for j, (key, png, label) in enumerate(samples):
+                    if j >= lo:
+                        yield png, label, s, key
+                    if j + 1 >= hi and not last:
+                        break
+            finally:
+                samples.close()
 
     def _augment(self, chunks: Iterator[tuple[Tensor, Tensor]], worker: int) -> Iterator[tuple[Tensor, Tensor]]:
         for index, (x, y) in enumerate(chunks):
@@ -477,20 +517,24 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
         import webdataset as wds
 
         plan = self.plan
-        if plan.owner is None:
+        if plan.resampled:
             files = list(range(len(self.split.files)))
             shards: Any = wds.ResampledShards(
                 [str(i) for i in files], deterministic=True,
                 worker_seed=lambda: mix_seed(self.seed, plan.epoch, plan.rank, worker, 0x5E5A))
-            source = wds.DataPipeline(shards, wds.map(lambda d: {"shard": int(d["url"]), "start": 0}))
+            counts = self.split.counts
+            source = wds.DataPipeline(shards, wds.map(lambda d: {"shard": int(d["url"]), "lo": 0,
+                                                                 "hi": counts[int(d["url"])]}))
         else:
-            listed = [{"shard": s, "start": a} for s, a in zip(plan.order, plan.starts)]
-            source = wds.DataPipeline(lambda: iter(listed), wds.split_by_worker)
+            if len(plan.segments) > 1 and worker >= len(plan.segments):
+                raise RuntimeError(f"stream plan made for {len(plan.segments)} workers, worker {worker} asked")
+            listed = [{"shard": s, "lo": lo, "hi": hi} for s, lo, hi in plan.segments[worker]]
+            source = wds.DataPipeline(lambda: iter(listed))
         decode = _png_decoder()
         split = self.split
         stages = [
             source,
-            self._read_owned,
+            self._read_segments,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                         rng=random.Random(mix_seed(self.seed, plan.epoch, plan.rank, worker, 0x5F1E))),
             wds.map(lambda s: (_decode_or_name(decode, s[0], split.url(s[2]), s[3]), s[1])),
@@ -499,7 +543,7 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
         if self.augmenter is not None:
             stages.append(lambda chunks: self._augment(chunks, worker))
         pipeline = wds.DataPipeline(*stages)
-        if plan.owner is None:
+        if plan.resampled:
             pipeline = pipeline.with_epoch(plan.chunks_per_worker)
         return pipeline
 
