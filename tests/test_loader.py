@@ -73,7 +73,7 @@ def run_epoch(source, epoch: int, start: int = 0) -> tuple[list[torch.Tensor], l
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, dict[str, list[FaceRecord]]]:
-    """Training: 96 samples in 3 shards (40, 40, 16); PublicTest: 50 samples in 1 shard."""
+    """Training: 96 samples in 3 shards (40, 40, 16); PublicTest: 50 samples in 2 shards (40, 10)."""
     folder = tmp_path_factory.mktemp("shards") / "set"
     return folder, make_shards(folder, {"Training": 96, "PublicTest": 50}, shard_size=40)
 
@@ -137,6 +137,29 @@ def test_reader_matches_webdataset(shards):
     assert [k for k, _, _ in got] == [s["__key__"] for s in samples]
     assert [p for _, p, _ in got] == [s["png"] for s in samples]
     assert [c for _, _, c in got] == [int(s["cls"]) for s in samples]
+
+
+def test_tar_members_match_webdatasets_tar_iterator(shards, tmp_path):
+    """The streaming header parser gives what webdataset's tarfile-based iterator gives, long (pax) names too."""
+    import webdataset as wds
+    from webdataset.tariterators import tar_file_iterator
+
+    from bicogan_dist.data.shard_io import tar_members
+
+    folder, _ = shards
+    path = tmp_path / "long.tar"
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "k" * 150, "png": b"\x89PNG", "cls": b"3", "json": b"{}"})
+        sink.write({"__key__": "dir/short", "png": b"x" * 1000, "cls": b"1"})
+    for tar in (path, folder / "Training-000002.tar"):
+        with open(tar, "rb") as fh:
+            theirs = [(f["fname"], f["data"]) for f in tar_file_iterator(fh)]
+        with open(tar, "rb") as fh:
+            ours = [(f["fname"], f["data"]) for f in tar_members(fh, str(tar), skip=())]
+        assert ours == theirs and len(ours) >= 5
+    with open(path, "rb") as fh:
+        assert [f["fname"] for f in tar_members(fh, "x")] == ["k" * 150 + ".cls", "k" * 150 + ".png",
+                                                               "dir/short.cls", "dir/short.png"]
 
 
 def test_opencv_and_pil_decode_identically(shards, monkeypatch):
@@ -208,7 +231,7 @@ def test_remainder_is_dropped_equally(tmp_path, mode):
 
 
 def test_fewer_shards_than_ranks_times_workers(shards):
-    folder, _ = shards  # PublicTest: one shard of 50, for 2 ranks x 2 workers
+    folder, _ = shards  # PublicTest: two shards (40, 10) for 2 ranks x 2 workers
     ranks = two_ranks(folder, mode="stream", split="PublicTest", batch_size=5)
     seen = [[i for x, _ in r.epoch(0) for i in ids(x)] for r in ranks]
     assert [len(s) for s in seen] == [25, 25]
