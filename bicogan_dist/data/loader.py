@@ -200,11 +200,13 @@ def _png_decoder() -> Callable[[bytes], np.ndarray]:
     return decode
 
 
-def _decode_or_name(decode: Callable[[bytes], np.ndarray], png: bytes, where: str, key: str) -> np.ndarray:
+def _decode_or_name(decode: Callable[[bytes], np.ndarray], png: bytes, url: Callable[[int], str], shard: int,
+                    key: str) -> np.ndarray:
+    """``decode(png)``; a ShardError naming shard ``url(shard)`` and ``key`` when the PNG is bad."""
     try:
         return decode(png)
     except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
-        raise ShardError(f"shard {where}: sample {key!r}: cannot decode its PNG ({exc})") from exc
+        raise ShardError(f"shard {url(shard)}: sample {key!r}: cannot decode its PNG ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------------- manifest checks
@@ -335,7 +337,7 @@ def _load(cfg: DataConfig, limit: int | None = None, threads: int | None = None,
 
     def work(r: tuple[int, int]) -> None:
         for i in range(r[0], r[1]):
-            images[i] = _decode_or_name(decode, pngs[i], split.url(where[i][0]), where[i][1])
+            images[i] = _decode_or_name(decode, pngs[i], split.url, where[i][0], where[i][1])
 
     if n_threads > 1 and len(ranges) > 1:
         with ThreadPoolExecutor(n_threads) as pool:
@@ -537,7 +539,7 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
             self._read_segments,
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                         rng=random.Random(mix_seed(self.seed, plan.epoch, plan.rank, worker, 0x5F1E))),
-            wds.map(lambda s: (_decode_or_name(decode, s[0], split.url(s[2]), s[3]), s[1])),
+            wds.map(lambda s: (_decode_or_name(decode, s[0], split.url, s[2], s[3]), s[1])),
             wds.batched(self.chunk, collation_fn=_collate, partial=True),
         ]
         if self.augmenter is not None:
