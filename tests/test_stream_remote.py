@@ -192,6 +192,15 @@ def test_pipe_command_failing_names_the_command(served, tmp_path):
         batches(loaders(cmd, mode="stream")[0], 0)
 
 
+def test_stalled_pipe_command_times_out_and_is_stopped(tmp_path):
+    pids = tmp_path / "pids"
+    location = ShardLocation.parse(f"pipe:echo $$ > {pids}; exec sleep 60 # {{}}", timeout=1)
+    with pytest.raises(ShardError, match=r"pipe command 'echo .* produced no output for 1 s \(data.timeout\)"):
+        ShardManifest.load(location)
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
+        os.kill(int(pids.read_text()), 0)
+
+
 @pytest.mark.parametrize("mode", ["stream", "memory"])
 def test_connection_cut_is_retried_then_fails_naming_the_url(copy, mode):
     _Cutting.after, _Cutting.cuts, _Cutting.served = 5000, -1, []

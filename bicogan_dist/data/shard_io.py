@@ -30,6 +30,7 @@ import http.client
 import io
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -237,7 +238,8 @@ def _skip(resp: Any, n: int) -> None:
 
 
 class _PipeStream(io.RawIOBase):
-    """Stdout of ``sh -c COMMAND`` as a raw stream; a non-zero exit is a ShardError naming the command.
+    """Stdout of ``sh -c COMMAND`` as a raw stream; a non-zero exit, or no output for ``timeout`` seconds,
+    is a ShardError naming the command.
 
     The command runs in its own process group; :meth:`close` kills the group if it still runs and
     always waits for it (no zombies), whether the stream was read to the end or abandoned.
@@ -254,7 +256,12 @@ class _PipeStream(io.RawIOBase):
         return True
 
     def readinto(self, b: Any) -> int:
-        n = self.proc.stdout.readinto(b)
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], self.timeout)
+        if not ready:
+            raise ShardError(f"pipe command {self.command!r} produced no output for {self.timeout:g} s "
+                             f"(data.timeout); stopped it")
+        n = os.readv(fd, [b])
         if n == 0 and len(b):
             try:
                 status = self.proc.wait(timeout=self.timeout)
