@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Literal
 
-from bicogan_dist.data.manifest import MANIFEST_NAME, ShardError
+from bicogan_dist.data.manifest import ShardError
 
 __all__ = ["ShardLocation", "read_shard", "sha256_of", "tar_members"]
 
@@ -422,7 +422,3 @@ def sha256_of(location: ShardLocation, name: str) -> str:
         for chunk in iter(lambda: fh.read(_BUFFER), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def manifest_url(location: ShardLocation) -> str:
-    return location.url(MANIFEST_NAME)
