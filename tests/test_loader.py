@@ -23,7 +23,8 @@ import torch
 from bicogan_dist.config import ConfigError
 from bicogan_dist.data.augment import AugmentConfig, build_augmenter
 from bicogan_dist.data.loader import (DataConfig, InMemoryBatches, StreamingBatches, batch_seed, build_loader,
-                                      count_tar_samples, index_shard, load_split, mix_seed)
+                                      load_split, mix_seed)
+from bicogan_dist.data.shard_io import ShardLocation, read_shard
 from bicogan_dist.data.manifest import ShardError, ShardManifest, SplitInfo
 from bicogan_dist.data.records import FaceRecord
 from bicogan_dist.data.shards import write_split_shards
@@ -72,7 +73,7 @@ def run_epoch(source, epoch: int, start: int = 0) -> tuple[list[torch.Tensor], l
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, dict[str, list[FaceRecord]]]:
-    """Training: 96 samples in 3 shards (40, 40, 16); PublicTest: 50 samples in 1 shard."""
+    """Training: 96 samples in 3 shards (40, 40, 16); PublicTest: 50 samples in 2 shards (40, 10)."""
     folder = tmp_path_factory.mktemp("shards") / "set"
     return folder, make_shards(folder, {"Training": 96, "PublicTest": 50}, shard_size=40)
 
@@ -125,18 +126,40 @@ def test_load_split_round_trips_pixels_and_labels(shards):
     assert torch.equal(x1, x)
 
 
-def test_index_matches_webdataset(shards):
+def test_reader_matches_webdataset(shards):
+    """read_shard yields what webdataset's own WebDataset pipeline yields, in the same order."""
     import webdataset as wds
 
     folder, _ = shards
     path = folder / "Training-000000.tar"
-    index = index_shard(path)
+    got = list(read_shard(ShardLocation.parse(folder), "Training-000000.tar", 40, 6))
     samples = list(wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples()))
-    assert index.keys == [s["__key__"] for s in samples]
-    raw = path.read_bytes()
-    assert [raw[a:b] for a, b in index.spans] == [s["png"] for s in samples]
-    assert index.labels.tolist() == [int(s["cls"]) for s in samples]
-    assert count_tar_samples(path) == 40
+    assert [k for k, _, _ in got] == [s["__key__"] for s in samples]
+    assert [p for _, p, _ in got] == [s["png"] for s in samples]
+    assert [c for _, _, c in got] == [int(s["cls"]) for s in samples]
+
+
+def test_tar_members_match_webdatasets_tar_iterator(shards, tmp_path):
+    """The streaming header parser gives what webdataset's tarfile-based iterator gives, long (pax) names too."""
+    import webdataset as wds
+    from webdataset.tariterators import tar_file_iterator
+
+    from bicogan_dist.data.shard_io import tar_members
+
+    folder, _ = shards
+    path = tmp_path / "long.tar"
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "k" * 150, "png": b"\x89PNG", "cls": b"3", "json": b"{}"})
+        sink.write({"__key__": "dir/short", "png": b"x" * 1000, "cls": b"1"})
+    for tar in (path, folder / "Training-000002.tar"):
+        with open(tar, "rb") as fh:
+            theirs = [(f["fname"], f["data"]) for f in tar_file_iterator(fh)]
+        with open(tar, "rb") as fh:
+            ours = [(f["fname"], f["data"]) for f in tar_members(fh, str(tar), skip=())]
+        assert ours == theirs and len(ours) >= 5
+    with open(path, "rb") as fh:
+        assert [f["fname"] for f in tar_members(fh, "x")] == ["k" * 150 + ".cls", "k" * 150 + ".png",
+                                                               "dir/short.cls", "dir/short.png"]
 
 
 def test_opencv_and_pil_decode_identically(shards, monkeypatch):
@@ -208,7 +231,7 @@ def test_remainder_is_dropped_equally(tmp_path, mode):
 
 
 def test_fewer_shards_than_ranks_times_workers(shards):
-    folder, _ = shards  # PublicTest: one shard of 50, for 2 ranks x 2 workers
+    folder, _ = shards  # PublicTest: two shards (40, 10) for 2 ranks x 2 workers
     ranks = two_ranks(folder, mode="stream", split="PublicTest", batch_size=5)
     seen = [[i for x, _ in r.epoch(0) for i in ids(x)] for r in ranks]
     assert [len(s) for s in seen] == [25, 25]
@@ -342,16 +365,17 @@ def test_wrong_sample_count_is_named(shard_copy, mode):
     info.shards[0].count += 1  # the split total still adds up: only the real count can tell
     info.shards[1].count -= 1
     manifest.save(shard_copy)
-    with pytest.raises(ShardError, match="Training-000000.tar holds 40 samples but the manifest says 41"):
-        build(shard_copy, mode)
+    with pytest.raises(ShardError, match="Training-000000.tar holds 40 samples but the manifest says 41|"
+                                         "Training-000001.tar holds more than the 39 samples"):
+        list(build(shard_copy, mode).epoch(0))  # memory mode fails in build, stream mode while reading
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_truncated_shard_is_named(shard_copy, mode):
     path = shard_copy / "Training-000001.tar"
     path.write_bytes(path.read_bytes()[:30000])
-    with pytest.raises(ShardError, match="Training-000001.tar"):
-        build(shard_copy, mode)
+    with pytest.raises(ShardError, match="Training-000001.tar (is truncated|holds)"):
+        list(build(shard_copy, mode).epoch(0))
 
 
 def test_missing_split_manifest_and_folder(shards, tmp_path):
@@ -366,21 +390,36 @@ def test_missing_split_manifest_and_folder(shards, tmp_path):
 
 
 def test_stream_refuses_a_shard_rewritten_after_the_start(shard_copy):
-    src = build(shard_copy, "stream", num_workers=1)
+    src = build_loader(DataConfig(shards=str(shard_copy), mode="stream", batch_size=8, num_workers=1), rank=0,
+                       world_size=1, device=CPU, seed=0)
     path = shard_copy / "Training-000000.tar"
-    os.utime(path, ns=(0, 0))
-    with pytest.raises(ShardError, match="Training-000000.tar changed"):
+    path.write_bytes((shard_copy / "Training-000002.tar").read_bytes())  # 16 samples where 40 were
+    with pytest.raises(ShardError, match="Training-000000.tar holds 16 samples but the manifest says 40"):
         list(src.epoch(0))
+    path.write_bytes((shard_copy / "Training-000001.tar").read_bytes())  # 40 again, but the manifest says 39:
+    manifest = ShardManifest.load(shard_copy)
+    info = manifest.split("Training")
+    info.shards[0].count, info.shards[1].count = 39, 41
+    manifest.save(shard_copy)
+    with pytest.raises(ShardError, match="Training-000000.tar holds more than the 39 samples"):
+        load_split(shard_copy, "Training")
 
 
 def test_bad_png_is_named(shard_copy):
-    index = index_shard(shard_copy / "PublicTest-000000.tar")
-    data = bytearray((shard_copy / "PublicTest-000000.tar").read_bytes())
-    start, end = index.spans[3]
-    data[start:end] = b"\0" * (end - start)
-    (shard_copy / "PublicTest-000000.tar").write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=f"PublicTest-000000.tar: sample '{index.keys[3]}'"):
+    import tarfile
+
+    path = shard_copy / "PublicTest-000000.tar"
+    with tarfile.open(path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(".png")][3]
+    data = bytearray(path.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = b"\0" * member.size
+    path.write_bytes(bytes(data))
+    key = member.name.split(".")[0]
+    with pytest.raises(ShardError, match=f"PublicTest-000000.tar: sample '{key}'"):
         load_split(shard_copy, "PublicTest")
+    with pytest.raises(ShardError, match=f"PublicTest-000000.tar: sample '{key}'"):
+        list(build_loader(DataConfig(shards=str(shard_copy), mode="stream", split="PublicTest", batch_size=5),
+                          rank=0, world_size=1, device=CPU, seed=0).epoch(0))
 
 
 # ------------------------------------------------------------------------------ two real processes

@@ -335,3 +335,19 @@ def test_real_fer2013_default_split_counts(real_fer2013_shards):
         manifest.shard_paths(real_fer2013_shards, split, verify=True)
     data = json.loads((real_fer2013_shards / "manifest.json").read_text())
     assert data["image_count"] == 35340
+
+
+def test_upload_to_prints_the_upload_commands_and_the_shards_value(tiny_fer_csv, tmp_path, capsys):
+    out = tmp_path / "fer"
+    assert shard(tiny_fer_csv, out, "--upload-to", "s3://bkt/sets/fer/") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-5:] == ["# upload (manifest last):",
+                          f"aws s3 sync {out}/ s3://bkt/sets/fer/ --exclude manifest.json",
+                          f"aws s3 cp {out}/manifest.json s3://bkt/sets/fer/manifest.json",
+                          "# then train with:", "data.shards='pipe:aws s3 cp s3://bkt/sets/fer/{} -'"]
+    assert ShardManifest.load(out).image_count > 0  # written locally as without the flag
+    assert shard(tiny_fer_csv, tmp_path / "gs", "--upload-to", "gs://bkt/fer") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "data.shards='pipe:gsutil cat gs://bkt/fer/{}'"
+    with pytest.raises(SystemExit) as exc:
+        shard(tiny_fer_csv, tmp_path / "x", "--upload-to", "ftp://host/fer")
+    assert exc.value.code == 2 and "--upload-to must start with one of s3://" in capsys.readouterr().err

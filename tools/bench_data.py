@@ -1,6 +1,7 @@
-"""Benchmark: samples/s of the training loaders (stream with 0 and 2 workers, in memory), per augmentation.
+"""Benchmark: samples/s of the training loaders (stream from a folder or over HTTP with 0 and 2 workers, in memory), per augmentation.
 
     python tools/bench_data.py [--shards DIR] [--repeats 3] [--max-seconds 20] [--ops affine_rotate] [--p 0.5]
+                               [--loaders stream0,stream2,http0,http2,memory] [--device cpu]
 
 Without ``--shards`` it shards the real FER2013 Training split from ``../shared/fer2013/fer2013.csv.gz``
 when that exists (else 30,000 synthetic faces) once into a cache folder (``--cache``) and reuses it.
@@ -9,18 +10,26 @@ max samples/s over ``--repeats`` epochs of one rank (world size 1, batch 128, CP
 short after ``--max-seconds``), and the CPU time per 1,000 samples of all processes involved (main +
 DataLoader workers), which stays meaningful when other jobs load the machine and wall-clock rates
 drop. Stream epochs include their start (worker start, shuffle buffer fill); the in-memory loader's
-one-off load time is printed under the table.
+one-off load time is printed under the table. The ``http`` rows stream the same shards from a
+loopback web server (``python -m http.server`` in its own process, started and stopped here);
+its CPU time is not in the CPU column. ``--device cuda`` delivers the batches to the GPU (pinned
+copies in stream mode), as training does.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,6 +54,28 @@ def ensure_shards(cache: Path) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def http_server(folder: Path) -> Iterator[str]:
+    """``python -m http.server`` serving ``folder`` on 127.0.0.1 in its own process; yields the base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/manifest.json", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def cpu_seconds() -> float:
     """CPU time of this process plus its finished children (DataLoader workers are joined per epoch)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -59,6 +90,8 @@ def time_epochs(source, repeats: int, batches: int | None = None,
     An epoch is cut short after ``batches`` batches or ``max_seconds`` (slow augmenters would
     otherwise take minutes an epoch on a busy CPU).
     """
+    import torch
+
     rates, cpu, samples = [], 0.0, 0
     for epoch in range(repeats):
         c0, t0, n = cpu_seconds(), time.perf_counter(), 0
@@ -69,6 +102,8 @@ def time_epochs(source, repeats: int, batches: int | None = None,
                     (max_seconds is not None and time.perf_counter() - t0 > max_seconds):
                 it.close()  # stops the workers now, so their CPU time is counted
                 break
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # the copies are asynchronous
         rates.append(n / (time.perf_counter() - t0))
         cpu += cpu_seconds() - c0
         samples += n
@@ -88,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default="affine_rotate", help="augmentation presets, comma separated")
     p.add_argument("--p", type=float, default=0.5, help="probability each op fires per image")
     p.add_argument("--backends", default="none,torch,imgaug")
-    p.add_argument("--loaders", default="stream0,stream2,memory")
+    p.add_argument("--loaders", default="stream0,stream2,http0,http2,memory",
+                   help="any of stream0, stream2 (local folder), http0, http2 (loopback HTTP), memory")
+    p.add_argument("--device", default="cpu", help="where batches are delivered: cpu (default), cuda, cuda:1, ...")
     args = p.parse_args(argv)
 
     import torch
@@ -97,8 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     from bicogan_dist.data.loader import DataConfig, InMemoryBatches, build_loader
 
     shards = Path(args.shards) if args.shards else ensure_shards(Path(args.cache))
-    loaders = {"stream0": ("stream", 0), "stream2": ("stream", 2), "memory": ("memory", 0)}
+    loaders = {"stream0": ("stream", 0), "stream2": ("stream", 2), "http0": ("stream", 0), "http2": ("stream", 2),
+               "memory": ("memory", 0)}
     wanted = [s.strip() for s in args.loaders.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(loaders))
+    if unknown:
+        p.error(f"--loaders: unknown {unknown}; choose from {sorted(loaders)}")
+    device = torch.device(args.device)
+    server = contextlib.ExitStack()
+    url = server.enter_context(http_server(shards)) if any(n.startswith("http") for n in wanted) else None
     backends = [s.strip() for s in args.backends.split(",") if s.strip()]
     ops = [s.strip() for s in args.ops.split(",") if s.strip()]
     rows = []
@@ -112,19 +156,22 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - e.g. imgaug missing: say so in the table
                 rows.append((name, backend, None, f"unavailable: {exc}"))
                 continue
-            cfg = DataConfig(shards=str(shards), split=args.split, mode=mode, batch_size=BATCH, num_workers=workers)
-            source = build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu"), seed=0, augmenter=aug)
+            where = url if name.startswith("http") else str(shards)
+            cfg = DataConfig(shards=where, split=args.split, mode=mode, batch_size=BATCH, num_workers=workers)
+            source = build_loader(cfg, rank=0, world_size=1, device=device, seed=0, augmenter=aug)
             num_samples = source.num_samples
             if isinstance(source, InMemoryBatches):
                 memory_load = source.load_seconds
             rates, cpu_per_k = time_epochs(source, args.repeats, args.batches, args.max_seconds or None)
             rows.append((name, backend, rates, cpu_per_k))
             del source
+    server.close()
 
-    label = {"stream0": "stream, 0 workers", "stream2": "stream, 2 workers", "memory": "in memory"}
+    label = {"stream0": "stream, 0 workers", "stream2": "stream, 2 workers", "http0": "http, 0 workers",
+             "http2": "http, 2 workers", "memory": "in memory"}
     load = os.getloadavg()
     print(f"\nloader throughput: {shards} split {args.split} ({num_samples or 0:,} samples), batch {BATCH}, "
-          f"1 rank on CPU, {args.repeats} epochs each (at most {args.batches or 'all'} batches, "
+          f"1 rank, batches on {device}, {args.repeats} epochs each (at most {args.batches or 'all'} batches, "
           f"{args.max_seconds or 'no limit'} s); "
           f"augmentation {ops} p={args.p}")
     print(f"{'loader':<18} {'augment':<8} {'median/s':>9} {'min/s':>8} {'max/s':>8} {'CPU ms/1k':>10}")

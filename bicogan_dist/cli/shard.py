@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from bicogan_dist.cli.common import OS_ERROR, USER_ERROR, Command
-from bicogan_dist.data.shards import DEFAULT_SHARD_SIZE
+from bicogan_dist.data.shards import DEFAULT_SHARD_SIZE, UPLOAD_SCHEMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes encoding PNGs and decoding image files (default: CPU count, at most 8; "
                         "1 = no extra processes; small inputs never start any)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--upload-to", metavar="DEST",
+                   help="after writing --out locally, print the commands that upload it to DEST (s3://bucket/prefix, "
+                        "gs://bucket/prefix, or the http(s):// URL a web server will serve it at) and the "
+                        "data.shards value that streams it back; nothing is uploaded")
     return p
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from bicogan_dist.data.shards import ShardOptions, build_shards
+    from bicogan_dist.data.shards import ShardOptions, build_shards, upload_commands
 
     opts = ShardOptions(keep_disgust=args.keep_disgust, shard_size=args.shard_size,
                         drop_duplicates=args.drop_duplicates, drop_leaks=args.drop_leaks,
@@ -46,6 +50,8 @@ def _shard(args: argparse.Namespace) -> int:
     if args.workers is not None:
         opts.workers = max(1, args.workers)
     build_shards(args.source, args.out, opts, synthetic=args.synthetic, seed=args.seed)
+    if args.upload_to:
+        print("\n".join(upload_commands(args.out, args.upload_to)))
     return 0
 
 
@@ -61,7 +67,9 @@ def _errors() -> dict:
 COMMAND = Command(build_parser, _shard, _errors, [
     (lambda a: (a.source is None) == (a.synthetic is None), "give exactly one of SOURCE and --synthetic N"),
     (lambda a: a.shard_size < 1, "--shard-size must be at least 1"),
-    (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1")])
+    (lambda a: a.synthetic is not None and a.synthetic < 1, "--synthetic N needs N >= 1"),
+    (lambda a: a.upload_to is not None and not a.upload_to.startswith(UPLOAD_SCHEMES),
+     f"--upload-to must start with one of {', '.join(UPLOAD_SCHEMES)}")])
 main, parse_args = COMMAND.main, COMMAND.parse_args
 
 

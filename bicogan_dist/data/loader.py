@@ -13,33 +13,45 @@ implementations promise the trainer the same things, because DDP and exact resum
   when ``count`` is divisible by ``world_size * batch_size`` (otherwise fewer than
   ``world_size * batch_size`` are left out).
 
-**memory** (default): every rank decodes the split once into one uint8 tensor on ``device``
-(FER2013's Training split is ~65 MB, ~2 s to decode); each epoch is a permutation drawn from
-``torch.Generator(epoch_seed(seed, e))``, identical on all ranks; global batch ``k`` is the slice
-``perm[k*W*B:(k+1)*W*B]`` and rank ``r`` takes its ``r``-th block of ``B``. Batches are gathered by
-index (on the device; numpy's take on CPU): no per-sample Python.
+``cfg.shards`` is a local folder, an ``http(s)://`` base URL or a ``pipe:`` command template
+(``bicogan_dist/data/shard_io.py``); both modes read shards through the one reader there
+(webdataset's tar iterator and key grouping, with the manifest's count and label checks), so a URL
+gives exactly the batches of the same shards in a folder.
 
-**stream**: a webdataset ``DataPipeline`` per DataLoader worker. Splitting is per *sample*, not per
-shard (FER2013 splits have 1-8 shards, fewer than ranks x workers, and shard-level splitting gives
-unequal counts): each epoch the shard order and an owner for every sample position are drawn from
-``epoch_seed(seed, e)`` (the same on all ranks): position ``j`` belongs to rank
-``perm[j] % world_size``, so every rank owns ``count // W`` or one more samples, a fresh random
-subset each epoch; a rank's samples are dealt round-robin to its workers. At construction each
-shard's tar headers are scanned once into a :class:`ShardIndex` (PNG byte ranges and labels; this
-is also the sample-count check); workers then read only the PNGs they keep from the memory-mapped
-tars (in epoch shard order) instead of each re-reading every shard (webdataset's ``tarfile``
-reader costs ~15x more per sample than this scan). A shuffle buffer of ``shuffle_buffer`` sample
-references, seeded by ``(seed, e, rank, worker)``, runs before decoding; workers hand over decoded
-chunks and the main process cuts them into batches of exactly ``batch_size`` and stops after
-``batches_per_epoch``. DataLoader returns worker chunks in a fixed round-robin order, so batches
-are deterministic. With ``resampled`` the epoch's shard sequence is drawn with replacement until it
-holds at least ``count`` samples: same epoch length, samples may repeat.
+**memory** (default): every rank reads the split once (in manifest order) and decodes it into one
+uint8 tensor on ``device`` (FER2013's Training split is ~65 MB); each epoch is a permutation drawn
+from ``torch.Generator(epoch_seed(seed, e))``, identical on all ranks; global batch ``k`` is the
+slice ``perm[k*W*B:(k+1)*W*B]`` and rank ``r`` takes its ``r``-th block of ``B``. Batches are
+gathered by index (on the device; numpy's take on CPU): no per-sample Python.
 
-Checks at construction, all ``ShardError`` naming the file: missing folder or manifest, missing
-split, missing shard, sha256 mismatch (``verify=True``), a malformed or truncated tar, a sample
-without png/cls or with a class outside the label map, and a shard whose real sample count differs
-from the manifest (both modes scan the headers before anything else, ~0.05 s a 4,000-sample
-shard). A stream worker also refuses a shard whose size or mtime changed since that scan.
+**stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`).
+
+* exact cover (``resampled: false``): the epoch's shard order and a rotation offset are drawn
+  from ``epoch_seed(seed, e)`` (the same on all ranks); the shards in that order, rotated, make
+  one sequence of ``count`` samples. Rank ``r`` owns the contiguous block
+  ``[r*count//W, (r+1)*count//W)`` (``count // W`` or one more samples: equal batch counts) and
+  its workers equal contiguous parts of that block, each a list of shard segments. So node and
+  worker splitting follow shards, as webdataset's splitters do, but cut at sample boundaries: with
+  fewer shards than ranks x workers several readers share a shard, each reading it from its start
+  up to the end of its part (a stream cannot seek; ``cache_dir`` makes repeats local). The whole
+  split is read about once per epoch when there are at least ranks x workers shards.
+* resampled (``resampled: true``): webdataset's ``ResampledShards`` draws shards with replacement,
+  seeded per ``(seed, e, rank, worker)``; every sample of a drawn shard is kept; ``with_epoch``
+  bounds each worker. Any number of shards works, each rank reads only what it uses, but samples
+  may repeat within a rank and across ranks and some are not seen in an epoch.
+
+Then ``shuffle`` (a buffer of ``shuffle_buffer`` samples, seeded by ``(seed, e, rank, worker)``),
+``map`` (PNG decode) and ``batched`` (chunks of ``_CHUNK``). The main process cuts the workers'
+chunks into batches of exactly ``batch_size`` and stops after ``batches_per_epoch``. DataLoader
+returns worker chunks in a fixed round-robin order, so batches are deterministic, also when
+workers hold unequal numbers of shards.
+
+Checks, all ``ShardError`` naming the file or URL: at construction a missing folder or manifest,
+a missing split, a missing local shard, sha256 mismatch (``verify=True``: every shard is read once
+through the same opener); while reading a truncated or malformed tar, a sample without png/cls or
+with a class outside the label map, a shard whose real sample count differs from the manifest,
+an HTTP error, a cut connection after ``retries`` reconnects, a ``pipe:`` command that exits
+non-zero. Memory mode reads everything at construction, so its errors all come there.
 
 Augmentation: ``augmenter(images, seed)`` is applied per batch with ``seed = batch_seed(seed, e, k,
 rank)``. In stream mode an augmenter whose ``backend`` is ``"imgaug"`` (CPU, numpy) runs inside the
@@ -51,9 +63,7 @@ releases the GIL, so memory mode decodes with threads) and PIL otherwise; both g
 """
 from __future__ import annotations
 
-import itertools
 import math
-import mmap
 import os
 import random
 import sys
@@ -69,7 +79,8 @@ import torch
 from torch import Tensor
 
 from bicogan_dist.config import ConfigError
-from bicogan_dist.data.manifest import ShardError, ShardManifest, SplitInfo
+from bicogan_dist.data.manifest import MANIFEST_NAME, ShardError, ShardManifest, SplitInfo
+from bicogan_dist.data.shard_io import ShardLocation, read_shard, sha256_of
 from bicogan_dist.data.records import IMAGE_SIZE
 
 if TYPE_CHECKING:
@@ -77,7 +88,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataConfig", "BatchSource", "InMemoryBatches", "StreamingBatches", "build_loader", "load_split",
-    "batch_seed", "chunk_seed", "epoch_seed", "mix_seed", "count_tar_samples", "index_shard", "ShardIndex",
+    "batch_seed", "chunk_seed", "epoch_seed", "mix_seed",
 ]
 
 #: Samples a stream worker decodes and hands over at once (at least one batch): DataLoader's
@@ -93,7 +104,7 @@ _CHUNK = 512
 class DataConfig:
     """Where the training faces come from and how they are batched (``data:`` in experiment YAML)."""
 
-    shards: str = "data_shards/synthetic"  # folder with manifest.json
+    shards: str = "data_shards/synthetic"  # folder, http(s):// base URL or pipe: template with {}; holds manifest.json
     split: str = "Training"
     mode: Literal["memory", "stream"] = "memory"
     batch_size: int = 64  # per process
@@ -101,10 +112,17 @@ class DataConfig:
     shuffle_buffer: int = 2000  # stream mode: raw samples held by each worker's shuffle buffer
     resampled: bool = False  # stream: shards drawn with replacement, fixed epoch length
     verify: bool = False  # check sha256 of every shard against the manifest at start
+    cache_dir: str = ""  # remote shards: keep downloaded shards here and read them from there ("" = off)
+    retries: int = 3  # remote shards: reconnects per file after a refused/cut connection or a 5xx answer
+    timeout: float = 60.0  # remote shards: seconds a connect, a read or a pipe's exit may take
 
     def __post_init__(self) -> None:
         if not str(self.shards).strip():
-            raise ConfigError("data.shards must name a shard folder (one holding manifest.json)")
+            raise ConfigError("data.shards must name a shard folder, an http(s):// base URL or a pipe: command "
+                              "(a place holding manifest.json)")
+        if str(self.shards).strip().startswith("pipe:") and "{}" not in str(self.shards):
+            raise ConfigError(f"data.shards: the pipe command {self.shards!r} has no {{}} for the file name; "
+                              f"for example 'pipe:aws s3 cp s3://bucket/fer2013/{{}} -'")
         if not str(self.split).strip():
             raise ConfigError("data.split must name a split, for example Training")
         if self.mode not in ("memory", "stream"):
@@ -115,6 +133,10 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+        if self.retries < 0:
+            raise ConfigError(f"data.retries must be >= 0, got {self.retries}")
+        if not self.timeout > 0:
+            raise ConfigError(f"data.timeout must be > 0 seconds, got {self.timeout}")
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -142,7 +164,7 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of everything that must agree across ranks in an epoch (permutation, shard order, owners)."""
+    """Seed of everything that must agree across ranks in an epoch (permutation, shard order, offset)."""
     return mix_seed(seed, epoch, 0xE70C)
 
 
@@ -156,211 +178,90 @@ def chunk_seed(seed: int, epoch: int, rank: int, worker: int, chunk_index: int) 
     return mix_seed(seed, epoch, rank, worker, chunk_index, 0xC4C7)
 
 
-# ------------------------------------------------------------------------------------ shard index
-
-
-@dataclass
-class ShardIndex:
-    """Where every sample of one shard lies: PNG byte ranges and class indices, from one header scan.
-
-    Why an index: the scan is needed anyway to check the shard's real sample count against the
-    manifest, and with it stream workers read only the PNGs they keep (random access into the
-    memory-mapped tar) instead of each of them re-reading every shard.
-    """
-
-    path: str
-    size: int  # file size and mtime at scan time: a stream worker refuses a shard changed since
-    mtime_ns: int
-    keys: list[str]
-    spans: np.ndarray  # (n, 2) int64: [start, end) of each sample's PNG in the file
-    labels: np.ndarray  # (n,) int64 class indices
-
-    @property
-    def count(self) -> int:
-        return len(self.keys)
-
-    def where(self, i: int) -> str:
-        return f"shard {self.path}: sample {self.keys[i]!r}"
-
-
-def _open_buffer(path: str | Path) -> Any:
-    """The shard's bytes, memory-mapped: no copy, and the page cache is shared by all processes."""
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _bad_tar(path: Path, what: str) -> ShardError:
-    return ShardError(f"shard {path} is not a valid tar file ({what}); re-shard or restore it")
-
-
-def index_shard(path: str | Path) -> ShardIndex:
-    """Scan a shard's tar headers into a :class:`ShardIndex` (~2 us a member; ``tarfile`` needs ~30).
-
-    Reads what Python's ``tarfile`` writes (ustar, with GNU long names or pax headers; webdataset's
-    TarWriter uses it) and groups members into samples by webdataset's rule (key = file name up to
-    its first dot). Raises ShardError naming the shard for a malformed or truncated tar, a sample
-    without ``png`` or ``cls``, or a ``cls`` that is not an integer.
-    """
-    path = Path(path)
-    st = path.stat()
-    buf = _open_buffer(path)
-    n = len(buf)
-    keys: list[str] = []
-    spans: list[tuple[int, int]] = []
-    labels: list[int] = []
-    cur: bytes | None = None
-    png: tuple[int, int] | None = None
-    cls: bytes | None = None
-
-    def flush() -> None:
-        key = cur.decode("utf-8", "replace")
-        if png is None or cls is None:
-            raise ShardError(f"shard {path}: sample {key!r} has no {'png' if png is None else 'cls'} file")
-        try:
-            labels.append(int(cls))
-        except ValueError:
-            raise ShardError(f"shard {path}: sample {key!r} has a non-integer cls {cls!r}") from None
-        keys.append(key)
-        spans.append(png)
-
-    off = 0
-    long_name: bytes | None = None
-    while off + 512 <= n:
-        if buf[off] == 0:  # end-of-archive blocks
-            break
-        if buf[off + 257:off + 262] != b"ustar":
-            raise _bad_tar(path, f"no ustar header at byte {off}")
-        field = buf[off + 124:off + 136]
-        if field[0] & 0x80:  # GNU base-256 size
-            size = int.from_bytes(field[1:], "big")
-        else:
-            try:
-                size = int(field.rstrip(b"\0 ") or b"0", 8)
-            except ValueError:
-                raise _bad_tar(path, f"bad size field {field!r} at byte {off}") from None
-        kind = buf[off + 156]
-        start = off + 512
-        end = start + size
-        if end > n:
-            raise ShardError(f"shard {path} is truncated: the member at byte {off} needs {size} bytes")
-        header, off = off, start + ((size + 511) & ~511)
-        if kind == 0x4C:  # 'L': GNU long name of the next member
-            long_name = buf[start:end].split(b"\0", 1)[0]
-            continue
-        if kind == 0x78:  # 'x': pax header of the next member
-            for record in buf[start:end].split(b"\n"):
-                _, _, kv = record.partition(b" ")
-                if kv.startswith(b"path="):
-                    long_name = kv[5:]
-            continue
-        if kind not in (0x30, 0x00, 0x37):  # directories, links, global headers: no sample data
-            long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            stop = buf.find(b"\0", header, header + 100)
-            name = buf[header:stop if stop >= 0 else header + 100]
-            if buf[header + 345] != 0:
-                prefix = buf[header + 345:header + 500].split(b"\0", 1)[0]
-                name = prefix + b"/" + name
-        slash = name.rfind(b"/") + 1
-        dot = name.find(b".", slash)
-        if dot < 0 or name.startswith(b"__", slash):  # no extension, or __meta__-style files
-            continue
-        key = name[:dot]
-        if key != cur:
-            if cur is not None:
-                flush()
-            cur, png, cls = key, None, None
-        ext = name[dot + 1:]
-        if ext == b"png":
-            png = (start, end)
-        elif ext == b"cls":
-            cls = buf[start:end]
-    else:
-        if off < n and any(buf[off:n]):
-            raise ShardError(f"shard {path} is truncated: partial tar header at byte {off}")
-    if cur is not None:
-        flush()
-    return ShardIndex(str(path), st.st_size, st.st_mtime_ns, keys,
-                      np.asarray(spans, dtype=np.int64).reshape(-1, 2), np.asarray(labels, dtype=np.int64))
-
-
-def count_tar_samples(path: str | Path) -> int:
-    """Number of samples in a shard, from its tar headers."""
-    return index_shard(path).count
-
-
 # -------------------------------------------------------------------------------------- decoding
 
 
-def _png_decoder() -> Callable[[Any, int, int], np.ndarray]:
-    """``decode(buffer, start, end)`` → (48, 48) uint8; OpenCV when available (faster, GIL-free), else PIL."""
+def _png_decoder() -> Callable[[bytes], np.ndarray]:
+    """``decode(png bytes)`` → (48, 48) uint8; OpenCV when available (faster, GIL-free), else PIL."""
     from bicogan_dist.data.shard_format import decode_png
-
-    def pil(buf: Any, start: int, end: int) -> np.ndarray:
-        return decode_png(bytes(buf[start:end]))
 
     try:
         import cv2  # noqa: PLC0415 - optional accelerator (installed with imgaug)
     except Exception:  # noqa: BLE001 - any import problem means: use PIL
-        return pil
+        return decode_png
     imdecode, flag, u8 = cv2.imdecode, cv2.IMREAD_UNCHANGED, np.uint8
 
-    def decode(buf: Any, start: int, end: int) -> np.ndarray:
-        arr = imdecode(np.frombuffer(buf, u8, end - start, start), flag)
+    def decode(data: bytes) -> np.ndarray:
+        arr = imdecode(np.frombuffer(data, u8), flag)
         if arr is None or arr.dtype != u8 or arr.shape != (IMAGE_SIZE, IMAGE_SIZE):
-            return pil(buf, start, end)  # colour, 16-bit, odd sizes, junk: PIL converts or raises clearly
+            return decode_png(bytes(data))  # colour, 16-bit, odd sizes, junk: PIL converts or raises clearly
         return arr
 
     return decode
 
 
-def _decode_rows(out: np.ndarray, items: Sequence[tuple[int, int]], indexes: Sequence[ShardIndex],
-                 buffers: Callable[[int], Any], decode: Callable[[Any, int, int], np.ndarray]) -> None:
-    """Decode samples ``(shard, i)`` into ``out[0..]``; a bad PNG raises ShardError naming shard and key."""
-    for row, (s, i) in enumerate(items):
-        index = indexes[s]
-        start, end = index.spans[i]
-        try:
-            out[row] = decode(buffers(s), int(start), int(end))
-        except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
-            raise ShardError(f"{index.where(i)}: cannot decode its PNG ({exc})") from exc
+def _decode_or_name(decode: Callable[[bytes], np.ndarray], png: bytes, url: Callable[[int], str], shard: int,
+                    key: str) -> np.ndarray:
+    """``decode(png)``; a ShardError naming shard ``url(shard)`` and ``key`` when the PNG is bad."""
+    try:
+        return decode(png)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
+        raise ShardError(f"shard {url(shard)}: sample {key!r}: cannot decode its PNG ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------------- manifest checks
 
 
-def _open_split(cfg: DataConfig, limit: int | None = None) -> tuple[ShardManifest, SplitInfo, list[ShardIndex]]:
-    """Manifest checks + the index of each shard (only of those holding the first ``limit`` samples)."""
-    folder = Path(cfg.shards)
-    if not folder.is_dir():
-        raise ShardError(f"shard folder {folder} does not exist; make shards with tools/shard_fer2013.py "
+@dataclass
+class _Split:
+    """A split's shards as the loaders read them: where, which files, their counts, the label map."""
+
+    location: ShardLocation
+    label_names: tuple[str, ...]
+    info: SplitInfo
+
+    @property
+    def files(self) -> list[str]:
+        return [e.file for e in self.info.shards]
+
+    @property
+    def counts(self) -> list[int]:
+        return [e.count for e in self.info.shards]
+
+    def read(self, index: int) -> Iterator[tuple[str, bytes, int]]:
+        """Samples of shard ``index``: (key, png bytes, class), checked against the manifest (``shard_io``)."""
+        entry = self.info.shards[index]
+        return read_shard(self.location, entry.file, entry.count, len(self.label_names))
+
+    def url(self, index: int) -> str:
+        return self.location.url(self.info.shards[index].file)
+
+
+def _location(cfg: DataConfig) -> ShardLocation:
+    return ShardLocation.parse(cfg.shards, retries=cfg.retries, timeout=cfg.timeout, cache_dir=cfg.cache_dir)
+
+
+def _open_split(cfg: DataConfig) -> _Split:
+    """Manifest checks that need no shard contents (those run as shards are read: ``shard_io.read_shard``)."""
+    location = _location(cfg)
+    if location.kind == "local" and not Path(location.spec).is_dir():
+        raise ShardError(f"shard folder {location.spec} does not exist; make shards with tools/shard_fer2013.py "
                          f"(or set data.shards)")
-    manifest = ShardManifest.load(folder)
+    manifest = ShardManifest.load(location)
     info = manifest.split(cfg.split)
-    paths = manifest.shard_paths(folder, cfg.split, verify=cfg.verify)
-    n_cls = len(manifest.label_names)
-    indexes: list[ShardIndex] = []
-    have = 0
-    for path, entry in zip(paths, info.shards):
-        if limit is not None and have >= limit:
-            break
-        index = index_shard(path)
-        if index.count != entry.count:
-            raise ShardError(f"shard {path} holds {index.count} samples but the manifest says {entry.count}; "
-                             f"it was changed after sharding: re-shard or restore it")
-        bad = np.flatnonzero((index.labels < 0) | (index.labels >= n_cls))
-        if len(bad):
-            i = int(bad[0])
-            raise ShardError(f"{index.where(i)} has class {int(index.labels[i])}, outside the manifest's "
-                             f"{n_cls} classes {manifest.label_names}")
-        indexes.append(index)
-        have += index.count
-    return manifest, info, indexes
+    if sum(e.count for e in info.shards) != info.count:
+        raise ShardError(f"{location.url(MANIFEST_NAME)}: split {cfg.split} lists {info.count} samples but its "
+                         f"shards hold {sum(e.count for e in info.shards)}")
+    if location.kind == "local":  # cheap here; a remote shard that is missing fails when it is read (404, exit 1)
+        for entry in info.shards:
+            if not (Path(location.spec) / entry.file).is_file():
+                raise ShardError(f"shard {location.url(entry.file)} listed in the manifest is missing")
+    if cfg.verify:
+        for entry in info.shards:
+            if sha256_of(location, entry.file) != entry.sha256:
+                raise ShardError(f"shard {location.url(entry.file)} does not match its sha256 in the manifest "
+                                 f"(corrupt or replaced)")
+    return _Split(location, tuple(manifest.label_names), info)
 
 
 def _per_epoch(count: int, world_size: int, batch_size: int, split: str) -> int:
@@ -401,27 +302,42 @@ class BatchSource(ABC):
 
 def _load(cfg: DataConfig, limit: int | None = None, threads: int | None = None,
           before_decode: Callable[[SplitInfo], Any] | None = None
-          ) -> tuple[ShardManifest, SplitInfo, np.ndarray, np.ndarray]:
-    """Checks + decode of the split's first ``limit`` (default all) samples: (manifest, info, images, labels).
+          ) -> tuple[_Split, np.ndarray, np.ndarray]:
+    """Checks + decode of the split's first ``limit`` (default all) samples: (split, images, labels).
 
-    ``before_decode(info)`` runs after the manifest checks, so its errors come before seconds of decoding.
+    The shards are read once, in manifest order, through the stream's reader (``shard_io.read_shard``;
+    from a URL or a pipe just as from a folder); the PNGs are then decoded on ``threads`` threads.
+    ``before_decode(info)`` runs after the manifest checks, so its errors come before any reading.
     """
-    manifest, info, indexes = _open_split(cfg, limit)
+    split = _open_split(cfg)
     if before_decode is not None:
-        before_decode(info)
-    total = sum(ix.count for ix in indexes)
-    n = total if limit is None else max(0, min(int(limit), total))
-    items = [(s, i) for s, ix in enumerate(indexes) for i in range(ix.count)][:n]
-    labels = np.concatenate([ix.labels for ix in indexes] or [np.empty(0, np.int64)])[:n]
+        before_decode(split.info)
+    want = split.info.count if limit is None else max(0, min(int(limit), split.info.count))
+    pngs: list[bytes] = []
+    labels_list: list[int] = []
+    where: list[tuple[int, str]] = []
+    for s in range(len(split.files)):
+        if len(pngs) >= want:
+            break
+        samples = split.read(s)
+        for key, png, label in samples:
+            if len(pngs) >= want:
+                samples.close()  # stop reading (and close the stream) once the limit is reached
+                break
+            pngs.append(png)
+            labels_list.append(label)
+            where.append((s, key))
+    n = len(pngs)
+    labels = np.asarray(labels_list, dtype=np.int64)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    buffers = [_open_buffer(ix.path) for ix in indexes]
     decode = _png_decoder()
     n_threads = threads if threads is not None else min(4, os.cpu_count() or 1)
     step = max(256, math.ceil(n / max(1, n_threads * 4)))
     ranges = [(a, min(a + step, n)) for a in range(0, n, step)]
 
     def work(r: tuple[int, int]) -> None:
-        _decode_rows(images[r[0]:r[1]], items[r[0]:r[1]], indexes, buffers.__getitem__, decode)
+        for i in range(r[0], r[1]):
+            images[i] = _decode_or_name(decode, pngs[i], split.url, where[i][0], where[i][1])
 
     if n_threads > 1 and len(ranges) > 1:
         with ThreadPoolExecutor(n_threads) as pool:
@@ -429,17 +345,21 @@ def _load(cfg: DataConfig, limit: int | None = None, threads: int | None = None,
     else:
         for r in ranges:
             work(r)
-    return manifest, info, images, labels
+    return split, images, labels
 
 
 def load_split(folder: str | Path, split: str, device: torch.device | str = "cpu", limit: int | None = None,
-               verify: bool = False, threads: int | None = None) -> tuple[Tensor, Tensor]:
+               verify: bool = False, threads: int | None = None, *, cache_dir: str = "", retries: int = 3,
+               timeout: float = 60.0) -> tuple[Tensor, Tensor]:
     """All (or the first ``limit``) samples of a split in shard order: (uint8 (N,1,48,48), int64 (N,)).
 
-    Runs the loader's manifest checks (the real sample counts of the shards it reads included).
-    Decoding runs on ``threads`` threads (default: up to 4; OpenCV releases the GIL).
+    ``folder`` is any ``data.shards`` value (folder, URL, ``pipe:``). Runs the loader's manifest
+    checks (the real sample counts of the shards it reads to their end included). Decoding runs on
+    ``threads`` threads (default: up to 4; OpenCV releases the GIL).
     """
-    _, _, images, labels = _load(DataConfig(shards=str(folder), split=split, verify=verify), limit, threads)
+    cfg = DataConfig(shards=str(folder), split=split, verify=verify, cache_dir=cache_dir, retries=retries,
+                     timeout=timeout)
+    _, images, labels = _load(cfg, limit, threads)
     device = torch.device(device)
     return torch.from_numpy(images).unsqueeze(1).to(device), torch.from_numpy(labels).to(device)
 
@@ -455,11 +375,11 @@ class InMemoryBatches(BatchSource):
         self.augmenter = augmenter
         self.batch_size = cfg.batch_size
         t0 = time.perf_counter()
-        manifest, info, images, labels = _load(
+        split, images, labels = _load(
             cfg, before_decode=lambda info: _per_epoch(info.count, world_size, cfg.batch_size, cfg.split))
-        self.label_names = tuple(manifest.label_names)
-        self.num_samples = info.count
-        self.batches_per_epoch = _per_epoch(info.count, world_size, cfg.batch_size, cfg.split)
+        self.label_names = split.label_names
+        self.num_samples = split.info.count
+        self.batches_per_epoch = _per_epoch(split.info.count, world_size, cfg.batch_size, cfg.split)
         self.images = torch.from_numpy(images).unsqueeze(1).to(self.device)
         self.labels = torch.from_numpy(labels).to(self.device)
         self.load_seconds = time.perf_counter() - t0  # reported by tools/bench_data.py
@@ -494,104 +414,145 @@ class InMemoryBatches(BatchSource):
             yield x, y
 
 
+# ------------------------------------------------------------------------------------------ stream
+
+
 @dataclass
 class _EpochPlan:
-    """What one rank reads in one stream epoch: per worker, its samples in reading order."""
+    """What one rank streams in one epoch: per worker, the shard segments it reads, in order."""
 
-    keep: list[np.ndarray]  # per worker: (n, 5) int64 rows (shard number, sample in shard, png start, end, label)
+    epoch: int
+    rank: int
+    resampled: bool
+    segments: list[list[tuple[int, int, int]]]  # exact cover, per worker: (shard, first sample, end sample)
+    chunks_per_worker: int  # resampled: chunks each worker yields (webdataset's with_epoch)
 
 
-def _stream_plan(indexes: Sequence[ShardIndex], *, resampled: bool, seed: int, epoch: int, rank: int,
-                 world_size: int, workers: int) -> _EpochPlan:
-    """Shard order and sample owners of an epoch, drawn identically on all ranks (module doc)."""
-    counts = [ix.count for ix in indexes]
-    rng = np.random.default_rng(epoch_seed(seed, epoch))
-    total = sum(counts)
-    if resampled:  # shards with replacement until the epoch holds at least ``total`` samples
-        order: list[int] = []
-        have = 0
-        while have < total:
-            order.append(int(rng.integers(len(counts))))
-            have += counts[order[-1]]
-    else:
-        order = [int(i) for i in rng.permutation(len(counts))]
-    lengths = np.asarray([counts[i] for i in order], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    owner = rng.permutation(int(lengths.sum())) % world_size
-    mine = np.flatnonzero(owner == rank)  # sorted epoch positions of this rank
-    slot = np.searchsorted(starts, mine, side="right") - 1
-    shard = np.asarray(order, dtype=np.int64)[slot]
-    local = mine - starts[slot]
-    # Everything a worker needs per sample, gathered here once (vectorised) rather than per sample there.
-    base = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    spans = np.concatenate([ix.spans for ix in indexes]) if indexes else np.empty((0, 2), np.int64)
-    labels = np.concatenate([ix.labels for ix in indexes]) if indexes else np.empty(0, np.int64)
-    flat = base[shard] + local
-    rows = np.column_stack([shard, local, spans[flat], labels[flat]])
+def _unrotate(a: int, b: int, offset: int, total: int) -> list[tuple[int, int]]:
+    """Positions ``[a, b)`` of the epoch sequence rotated by ``offset`` as ranges of the unrotated one."""
+    if b <= a:
+        return []
+    s = (a + offset) % total
+    e = s + (b - a)
+    return [(s, e)] if e <= total else [(s, total), (0, e - total)]
+
+
+def _stream_plan(counts: Sequence[int], *, resampled: bool, seed: int, epoch: int, rank: int, world_size: int,
+                 workers: int, need: int, chunk: int) -> _EpochPlan:
+    """Who reads what in an epoch, drawn identically on all ranks (module doc).
+
+    Exact cover: the shards in a random order make one sequence of ``total`` samples, rotated by
+    a random offset; rank ``r`` owns the contiguous block ``[r*total//W, (r+1)*total//W)`` and its
+    workers equal contiguous parts of it, each part a list of shard segments ``[lo, hi)``.
+    """
     n_workers = max(1, workers)
-    return _EpochPlan([rows[w::n_workers] for w in range(n_workers)])
+    if resampled:
+        per_worker = math.ceil(math.ceil(need / chunk) / n_workers) + 1
+        return _EpochPlan(epoch, rank, True, [], per_worker)
+    rng = np.random.default_rng(epoch_seed(seed, epoch))
+    order = [int(i) for i in rng.permutation(len(counts))]
+    total = int(sum(counts))
+    offset = int(rng.integers(total)) if total else 0
+    starts = np.concatenate([[0], np.cumsum([counts[i] for i in order])]).astype(np.int64)
+    lo_r, hi_r = rank * total // world_size, (rank + 1) * total // world_size
+    segments: list[list[tuple[int, int, int]]] = []
+    for w in range(n_workers):
+        a = lo_r + w * (hi_r - lo_r) // n_workers
+        b = lo_r + (w + 1) * (hi_r - lo_r) // n_workers
+        mine: list[tuple[int, int, int]] = []
+        for u, v in _unrotate(a, b, offset, total):
+            first = int(np.searchsorted(starts, u, side="right")) - 1
+            for i in range(first, len(order)):
+                if starts[i] >= v:
+                    break
+                lo, hi = max(u, starts[i]) - starts[i], min(v, starts[i + 1]) - starts[i]
+                if hi > lo:
+                    mine.append((order[i], int(lo), int(hi)))
+        segments.append(mine)
+    return _EpochPlan(epoch, rank, False, segments, 0)
+
+
+def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
+    images = np.stack([s[0] for s in samples])
+    return torch.from_numpy(images).unsqueeze(1), torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
 class _StreamEpoch(torch.utils.data.IterableDataset):
-    """One epoch of one rank as a webdataset pipeline; each DataLoader worker runs its own part."""
+    """One epoch of one rank as a webdataset ``DataPipeline``; each DataLoader worker runs its own copy.
 
-    def __init__(self, indexes: list[ShardIndex], plan: _EpochPlan, *, chunk: int, shuffle_buffer: int, seed: int,
-                 epoch: int, rank: int, augmenter: Any = None) -> None:
+    Stages: the epoch's shard list (exact cover) or webdataset's ``ResampledShards`` (resampled),
+    ``split_by_worker``, the reader (``shard_io.read_shard``: open, tar, group, checks) with this
+    rank's samples selected by position (exact cover), ``shuffle``, ``map`` (PNG decode),
+    ``batched`` (chunks), the in-worker augmenter, and ``with_epoch`` (resampled).
+    """
+
+    def __init__(self, split: _Split, plan: _EpochPlan, *, chunk: int, shuffle_buffer: int, seed: int,
+                 augmenter: Any = None) -> None:
         super().__init__()
-        self.indexes, self.plan, self.chunk, self.shuffle_buffer = indexes, plan, chunk, shuffle_buffer
-        self.seed, self.epoch, self.rank, self.augmenter = seed, epoch, rank, augmenter
+        self.split, self.plan, self.chunk, self.shuffle_buffer = split, plan, chunk, shuffle_buffer
+        self.seed, self.augmenter = seed, augmenter
 
-    def _buffer(self, cache: dict[int, Any], s: int) -> Any:
-        """The shard's memory map, opened once per worker, refused when the file changed since indexing."""
-        buf = cache.get(s)
-        if buf is None:
-            index = self.indexes[s]
-            st = os.stat(index.path)
-            if (st.st_size, st.st_mtime_ns) != (index.size, index.mtime_ns):
-                raise ShardError(f"shard {index.path} changed after the loader checked it (size or mtime); "
-                                 f"shards must not be rewritten during training")
-            buf = cache[s] = _open_buffer(index.path)
-        return buf
+    def _read_segments(self, segments: Iterator[dict]) -> Iterator[tuple[bytes, int, int, str]]:
+        """Pipeline stage: shard segments → (png, label, shard, key) of their samples.
 
-    def _chunks(self, refs: Iterator[list[int]], worker: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Pipeline stage: shuffled sample rows → decoded chunks (uint8 (n,1,48,48), int64 (n,))."""
-        decode = _png_decoder()
-        cache: dict[int, Any] = {}
-        index = 0
-        while True:
-            block = list(itertools.islice(refs, self.chunk))
-            if not block:
-                return
-            images = np.empty((len(block), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-            for row, (s, i, start, end, _label) in enumerate(block):
-                buf = cache.get(s)
-                if buf is None:
-                    buf = self._buffer(cache, s)
-                try:
-                    images[row] = decode(buf, start, end)
-                except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
-                    raise ShardError(f"{self.indexes[s].where(i)}: cannot decode its PNG ({exc})") from exc
-            x = torch.from_numpy(images).unsqueeze(1)
-            y = torch.tensor([r[4] for r in block], dtype=torch.int64)
-            if self.augmenter is not None:
-                x = self.augmenter(x, chunk_seed(self.seed, self.epoch, self.rank, worker, index))
-            index += 1
-            yield x, y
+        A segment ending before its shard's end stops reading there (the stream is closed); one that
+        reaches the end reads on to the end of the tar, so the sample-count check runs.
+        """
+        for seg in segments:
+            s, lo, hi = seg["shard"], seg["lo"], seg["hi"]
+            last = hi >= self.split.counts[s]
+            samples = self.split.read(s)
+            try:
+                for j, (key, png, label) in enumerate(samples):
+                    if j >= lo:
+                        yield png, label, s, key
+                    if j + 1 >= hi and not last:
+                        break
+            finally:
+                samples.close()
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _augment(self, chunks: Iterator[tuple[Tensor, Tensor]], worker: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for index, (x, y) in enumerate(chunks):
+            yield self.augmenter(x, chunk_seed(self.seed, self.plan.epoch, self.plan.rank, worker, index)), y
+
+    def pipeline(self, worker: int) -> Any:
         import webdataset as wds
 
+        plan = self.plan
+        if plan.resampled:
+            files = list(range(len(self.split.files)))
+            shards: Any = wds.ResampledShards(
+                [str(i) for i in files], deterministic=True,
+                worker_seed=lambda: mix_seed(self.seed, plan.epoch, plan.rank, worker, 0x5E5A))
+            counts = self.split.counts
+            source = wds.DataPipeline(shards, wds.map(lambda d: {"shard": int(d["url"]), "lo": 0,
+                                                                 "hi": counts[int(d["url"])]}))
+        else:
+            if len(plan.segments) > 1 and worker >= len(plan.segments):
+                raise RuntimeError(f"stream plan made for {len(plan.segments)} workers, worker {worker} asked")
+            listed = [{"shard": s, "lo": lo, "hi": hi} for s, lo, hi in plan.segments[worker]]
+            source = wds.DataPipeline(lambda: iter(listed))
+        decode = _png_decoder()
+        split = self.split
+        stages = [
+            source,
+            self._read_segments,
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                        rng=random.Random(mix_seed(self.seed, plan.epoch, plan.rank, worker, 0x5F1E))),
+            wds.map(lambda s: (_decode_or_name(decode, s[0], split.url, s[2], s[3]), s[1])),
+            wds.batched(self.chunk, collation_fn=_collate, partial=True),
+        ]
+        if self.augmenter is not None:
+            stages.append(lambda chunks: self._augment(chunks, worker))
+        pipeline = wds.DataPipeline(*stages)
+        if plan.resampled:
+            pipeline = pipeline.with_epoch(plan.chunks_per_worker)
+        return pipeline
+
+    def __iter__(self) -> Iterator[Any]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        if info is not None and info.num_workers != len(self.plan.keep):
-            raise RuntimeError(f"stream plan made for {len(self.plan.keep)} workers, DataLoader has {info.num_workers}")
-        rows = self.plan.keep[worker]
-        rng = random.Random(mix_seed(self.seed, self.epoch, self.rank, worker, 0x5F1E))
-        pipeline = wds.DataPipeline(
-            lambda: iter(rows.tolist()),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
-            lambda refs: self._chunks(refs, worker),
-        )
+        pipeline = self.pipeline(worker)
         return _guarded(pipeline, worker) if info is not None else iter(pipeline)
 
 
@@ -605,14 +566,19 @@ class _WorkerFailure:
 
 
 def _guarded(pipeline: Any, worker: int) -> Iterator[Any]:
+    it = iter(pipeline)
     try:
-        yield from pipeline
+        yield from it
     except Exception as exc:  # noqa: BLE001 - re-raised in the main process
         import traceback
 
         message = str(exc) if isinstance(exc, ShardError) else \
             f"{exc}\n(in stream worker {worker}:\n{traceback.format_exc()})"
         yield _WorkerFailure(type(exc), message)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # closes the open shard stream now (kills and reaps a pipe: command)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -634,26 +600,27 @@ def _opencv_fork_safe() -> None:
 
 
 class StreamingBatches(BatchSource):
-    """Batches streamed from the tar shards through webdataset + DataLoader workers (see module doc)."""
+    """Batches streamed from the shards through a webdataset pipeline + DataLoader workers (see module doc)."""
 
     def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, device: torch.device | str, seed: int,
                  augmenter: "Augmenter | Callable[[Tensor, int], Tensor] | None" = None) -> None:
         _check_rank(rank, world_size)
-        manifest, info, self.indexes = _open_split(cfg)
+        self.split = _open_split(cfg)
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, int(seed)
         self.device = torch.device(device)
-        self.label_names = tuple(manifest.label_names)
-        self.num_samples = info.count
+        self.label_names = self.split.label_names
+        self.num_samples = self.split.info.count
         self.batch_size = cfg.batch_size
-        self.batches_per_epoch = _per_epoch(info.count, world_size, cfg.batch_size, cfg.split)
+        self.batches_per_epoch = _per_epoch(self.num_samples, world_size, cfg.batch_size, cfg.split)
         in_workers = cfg.num_workers > 0 and getattr(augmenter, "backend", None) == "imgaug"
         self.worker_augmenter = augmenter if in_workers else None
         self.augmenter = None if in_workers else augmenter
         self.chunk = max(cfg.batch_size, _CHUNK)
 
     def plan(self, epoch: int) -> _EpochPlan:
-        return _stream_plan(self.indexes, resampled=self.cfg.resampled, seed=self.seed, epoch=epoch, rank=self.rank,
-                            world_size=self.world_size, workers=self.cfg.num_workers)
+        return _stream_plan(self.split.counts, resampled=self.cfg.resampled, seed=self.seed, epoch=epoch,
+                            rank=self.rank, world_size=self.world_size, workers=self.cfg.num_workers,
+                            need=self.batches_per_epoch * self.batch_size, chunk=self.chunk)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self._check_start(start_batch)
@@ -663,14 +630,13 @@ class StreamingBatches(BatchSource):
         """Rebatch worker chunks to exactly ``batch_size``; stop after ``batches_per_epoch``.
 
         Resuming at ``start_batch`` replays the epoch's stream and drops the first batches before
-        they reach the device or the main-process augmenter (the workers still decode them: at most
-        one epoch of decoding, once per resume).
+        they reach the device or the main-process augmenter (the workers still read and decode
+        them: at most one epoch of reading, once per resume).
         """
         if start_batch == self.batches_per_epoch:
             return
-        dataset = _StreamEpoch(self.indexes, self.plan(epoch), chunk=self.chunk,
-                               shuffle_buffer=self.cfg.shuffle_buffer, seed=self.seed, epoch=epoch, rank=self.rank,
-                               augmenter=self.worker_augmenter)
+        dataset = _StreamEpoch(self.split, self.plan(epoch), chunk=self.chunk, shuffle_buffer=self.cfg.shuffle_buffer,
+                               seed=self.seed, augmenter=self.worker_augmenter)
         workers = self.cfg.num_workers
         if workers > 0:
             _opencv_fork_safe()

@@ -54,12 +54,22 @@ class ShardManifest:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ShardManifest":
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
-            raise ShardError(f"{path}: no manifest.json; make shards with tools/shard_fer2013.py first")
+    def load(cls, folder: "str | Path | Any") -> "ShardManifest":
+        """The manifest of a shard set: a local folder, an ``http(s)://`` base URL or a ``pipe:`` template
+        (see ``bicogan_dist.data.shard_io``; a ``ShardLocation`` is accepted too)."""
+        from bicogan_dist.data.shard_io import ShardLocation
+
+        location = ShardLocation.parse(folder)
+        if location.kind == "local":
+            path = Path(location.spec) / MANIFEST_NAME
+            if not path.is_file():
+                raise ShardError(f"{path}: no manifest.json; make shards with tools/shard_fer2013.py first")
+            where, text = str(path), path.read_text()
+        else:
+            where = location.url(MANIFEST_NAME)
+            text = location.read_text(MANIFEST_NAME)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             splits = {
                 name: SplitInfo(
                     count=int(s["count"]),
@@ -72,7 +82,7 @@ class ShardManifest:
             data["splits"] = splits
             return cls(**data)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ShardError(f"{path}: malformed manifest ({exc!r})") from exc
+            raise ShardError(f"{where}: malformed manifest ({exc!r})") from exc
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -331,3 +331,33 @@ def _summary_lines(manifest: ShardManifest, out: Path) -> list[str]:
     lines.append(f"{'all':<12} {manifest.image_count:>7,}")
     lines.append(f"wrote {sum(len(s.shards) for s in manifest.splits.values())} shards and {MANIFEST_NAME} to {out}")
     return lines
+
+
+#: Where ``--upload-to`` can point: object stores (read back through ``pipe:``) and web servers.
+UPLOAD_SCHEMES = ("s3://", "gs://", "http://", "https://")
+
+
+def upload_commands(out: str | Path, dest: str) -> list[str]:
+    """Shell commands that copy the shard folder ``out`` to ``dest`` (manifest last, so a reader never sees a
+    manifest naming shards not yet there), then the ``data.shards`` value that reads it back.
+
+    Printed, not run: credentials, tools and the web server's folder are the user's.
+    """
+    import shlex
+
+    src = shlex.quote(str(Path(out)) + "/")
+    manifest = shlex.quote(str(Path(out) / MANIFEST_NAME))
+    base = dest.rstrip("/")
+    if base.startswith("s3://"):
+        cmds = [f"aws s3 sync {src} {base}/ --exclude {MANIFEST_NAME}", f"aws s3 cp {manifest} {base}/{MANIFEST_NAME}"]
+        shards = f"pipe:aws s3 cp {base}/{{}} -"
+    elif base.startswith("gs://"):
+        cmds = [f"gsutil -m rsync -x '^{MANIFEST_NAME}$' {src} {base}/", f"gsutil cp {manifest} {base}/{MANIFEST_NAME}"]
+        shards = f"pipe:gsutil cat {base}/{{}}"
+    elif base.startswith(("http://", "https://")):
+        cmds = [f"rsync -a --exclude {MANIFEST_NAME} {src} SERVER:/FOLDER/SERVED/AS/{base.split('://', 1)[1]}/",
+                f"rsync -a {manifest} SERVER:/FOLDER/SERVED/AS/{base.split('://', 1)[1]}/"]
+        shards = base
+    else:
+        raise ValueError(f"--upload-to {dest!r}: expected one of {', '.join(UPLOAD_SCHEMES)}")
+    return ["# upload (manifest last):", *cmds, "# then train with:", f"data.shards='{shards}'"]
