@@ -52,6 +52,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile G, E and D
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine: deepspeed)
+    # Seconds a rank waits in a collective (or at a barrier, e.g. while rank 0 evaluates) before the run
+    # fails instead of hanging; must exceed the longest evaluation (logged as time/eval_s).
+    dist_timeout_s: float = 1800.0
     # Debugging aid for tests: make the D loss NaN at this step (steps count from 1) to exercise the non-finite stop.
     inject_nan_at_step: int | None = None
 
@@ -60,6 +63,9 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (isinstance(self.dist_timeout_s, (int, float)) and math.isfinite(self.dist_timeout_s)
+                and self.dist_timeout_s > 0):
+            raise ConfigError(f"train.dist_timeout_s must be a number of seconds > 0, got {self.dist_timeout_s!r}")
 
 
 @dataclass

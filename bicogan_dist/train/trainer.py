@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 import hashlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_wei
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig
-from bicogan_dist.train.engine_base import Engine, make_engine
+from bicogan_dist.train.engine_base import Engine, make_engine, process_group_timeout_s, ranks_where
 from bicogan_dist.train.monitor import Monitor, encoder_accuracy
 
 
@@ -78,14 +79,50 @@ class StopFlags:
         self.requested = True
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from; refuses to mix a new run into an old one."""
-    run_dir = Path(cfg.log.run_dir)
-    start = ckpt.resolve_checkpoint(resume, run_dir) if resume else None
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        raise ConfigError(f"log.run_dir: {run_dir} already holds checkpoints; pass --resume latest to continue it "
-                          f"or choose another log.run_dir")
-    return run_dir, start
+def prepare_run_dir(cfg: ExperimentConfig, resume: str | None, engine: Engine,
+                    run_dir: Path | None = None) -> ckpt.ResumePoint | None:
+    """The checkpoint to resume from, decided by rank 0 and confirmed readable by every rank.
+
+    Refuses to mix a new run into an old one. ``run_dir`` defaults to ``log.run_dir``.
+    """
+    run_dir = Path(run_dir or cfg.log.run_dir)
+
+    def resolve() -> Path | None:
+        if resume:
+            return ckpt.resolve_checkpoint(resume, run_dir)
+        if ckpt.list_checkpoints(run_dir):
+            raise ConfigError(f"log.run_dir: {run_dir} already holds checkpoints; pass --resume latest to continue "
+                              f"it or choose another log.run_dir")
+        return None
+
+    return ckpt.agree_on_resume(resolve, run_dir, engine, resume)
+
+
+#: Test hook (tests/test_multinode.py): with it set to ``1``, every rank R > 0 uses ``<log.run_dir>.rank<R>``
+#: as its run folder, as if log.run_dir lay on each node's own disk. Never set it for a real run.
+NODE_LOCAL_TEST_ENV = "BICOGAN_TEST_NODE_LOCAL_RUN_DIR"
+
+
+def rank_run_dir(run_dir: str | Path, rank: int) -> Path:
+    """This rank's run folder: ``log.run_dir``, except under the :data:`NODE_LOCAL_TEST_ENV` test hook."""
+    run_dir = Path(run_dir)
+    if rank > 0 and os.environ.get(NODE_LOCAL_TEST_ENV) == "1":
+        return run_dir.with_name(f"{run_dir.name}.rank{rank}")
+    return run_dir
+
+
+def _on_every_rank(engine: Engine, check: Callable[[], object]) -> None:
+    """Run a start-up ``check`` on every rank; if it fails on any, every rank stops (none waits in a collective)."""
+    error: ConfigError | None = None
+    try:
+        check()
+    except ConfigError as exc:
+        error = exc
+    failed = ranks_where(error is not None, engine)
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError(f"log.run_dir: rank(s) {failed} cannot use the run folder (see their error)")
 
 
 #: Builds, on the training device, ``fn(G_ema, E, class_names) -> {"eval/...": value}``. The trainer
@@ -95,19 +132,26 @@ EvaluatorFactory = Callable[[torch.device], Callable[[torch.nn.Module, torch.nn.
 
 def train(cfg: ExperimentConfig, resume: str | None = None,
           evaluator_factory: EvaluatorFactory | None = None) -> TrainResult:
-    """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0."""
-    ckpt.check_writable(cfg.log.run_dir)  # before any data is read or any step is trained
+    """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0.
+
+    Before any data is read or any step is trained, every rank checks that it can write the run
+    folder, rank 0 resolves ``--resume`` for all ranks, and all ranks confirm they share one run
+    folder (docs/architecture.md, checkpoints); a failure on any rank stops every rank.
+    """
     engine = make_engine(cfg)
-    run_dir, start_ckpt = prepare_run_dir(cfg, resume)
+    run_dir = rank_run_dir(cfg.log.run_dir, engine.rank)
+    _on_every_rank(engine, lambda: ckpt.check_writable(run_dir))
+    start = prepare_run_dir(cfg, resume, engine, run_dir)
+    ckpt.check_shared_run_dir(run_dir, engine)
     lock = ckpt.RunLock(run_dir).acquire() if engine.is_main else None
     try:
-        return _train(cfg, engine, run_dir, start_ckpt, evaluator_factory)
+        return _train(cfg, engine, run_dir, start, evaluator_factory)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Path | None,
+def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.ResumePoint | None,
            evaluator_factory: EvaluatorFactory | None) -> TrainResult:
     device, rank, world = engine.device, engine.rank, engine.world_size
 
@@ -130,8 +174,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
     adc_on = conditional and cfg.loss.adc_weight > 0
 
     start_step = 0
-    if start_ckpt is not None:
-        start_step = ckpt.load(start_ckpt, engine, G_ema, cfg.to_dict()["model"])
+    if start is not None:  # every rank loads rank 0's choice and confirms the step it loaded
+        start_step = ckpt.load_agreed(start, engine, G_ema, cfg.to_dict()["model"])
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run_dir)
@@ -146,12 +190,13 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
                           generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
 
     evaluator = None
-    if evaluator_factory is not None and cfg.eval.every > 0 and engine.is_main:
+    eval_on = evaluator_factory is not None and cfg.eval.every > 0  # known on every rank; evaluation runs on rank 0
+    if eval_on and engine.is_main:
         evaluator = evaluator_factory(device)
     monitor = Monitor(run_dir, engine.is_main, cfg.train.max_steps, start_step, cfg.log.progress)
     monitor.write(f"run {run_dir}: {cfg.model.kind}/{cfg.model.arch}, {world} process(es) on {device.type}, "
                   f"precision {engine.mixed_precision}, {per_epoch} batches/epoch of {cfg.data.batch_size}/process, "
-                  f"starting at step {start_step}")
+                  f"starting at step {start_step}{_timeout_note(device)}")
     stop = StopFlags()
     sums: dict[str, torch.Tensor] = {}
     n_sum, t_last, step_last = 0, time.perf_counter(), start_step
@@ -301,8 +346,16 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             if at_images:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
-            if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
-                monitor.scalars(step, evaluator(G_ema, ge_raw.E, label_names))
+            if eval_on and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+                # Rank 0 evaluates; the others wait at the barrier below, not inside the next step's collective.
+                if evaluator is not None:
+                    t_eval = time.perf_counter()
+                    values = evaluator(G_ema, ge_raw.E, label_names)
+                    values["time/eval_s"] = time.perf_counter() - t_eval
+                    monitor.scalars(step, values)
+                    monitor.write(f"step {step}: evaluation took {values['time/eval_s']:.1f} s "
+                                  f"(train.dist_timeout_s={cfg.train.dist_timeout_s:g} must exceed it)")
+                engine.barrier()
             if at_checkpoint:
                 saved = ckpt.save(run_dir, step, engine, G_ema, {
                     "epoch": step / per_epoch, "batches_per_epoch": per_epoch, "model": cfg.to_dict()["model"],
@@ -315,6 +368,12 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
         stop.restore()
         monitor.close()
     return TrainResult(run_dir, step, engine, G_ema)
+
+
+def _timeout_note(device: torch.device) -> str:
+    """``, process-group timeout N s`` as torch.distributed runs it (empty in a single process)."""
+    timeout = process_group_timeout_s(device)
+    return "" if timeout is None else f", process-group timeout {timeout:g} s"
 
 
 def arrange_batch(x: torch.Tensor, y: torch.Tensor, sort_by_emotion: bool,
