@@ -132,6 +132,16 @@ def test_every_rank_creates_its_checkpoint_folder_and_ranks_agree_on_the_loaded_
     assert "this rank loaded step 7" in results[1]["load_error"]
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_the_process_group_timeout_is_validated(value):
+    from bicogan_dist.config import ConfigError
+    from bicogan_dist.train.config import load_config
+
+    with pytest.raises(ConfigError, match=r"^train\.dist_timeout_s must be a number of seconds > 0, got"):
+        load_config(SMOKE, [f"train.dist_timeout_s={value}"])
+    assert load_config(SMOKE).train.dist_timeout_s == 1800.0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed")
 def test_a_zero_checkpoint_does_not_resume_on_another_world_size(shards, tmp_path):

@@ -12,8 +12,14 @@ Layout of one run::
         rng-rank<R>.pt                       each rank's torch RNG state
         state.json                           step, epoch, world size, engine, model — written last
 
-Every rank writes into ``checkpoint-XXXXXXXX.tmp`` and rank 0 renames it only after all
-ranks are done, so a checkpoint interrupted mid-write is never taken for a good one.
+Every rank writes into ``checkpoint-XXXXXXXX.tmp`` (creating it if it cannot see rank 0's yet) and
+rank 0 renames it only after all ranks are done, so a checkpoint interrupted mid-write is never
+taken for a good one.
+
+All ranks share one run folder (a filesystem every node mounts): :func:`check_shared_run_dir`
+proves it at start with a marker file per rank; :func:`agree_on_resume` lets rank 0 alone resolve
+``--resume`` and every rank confirm it sees that checkpoint; :func:`load_agreed` confirms every
+rank loaded rank 0's step. Each ends with a collective, so a failure on one rank stops them all.
 Nothing here unpickles: tensors come from safetensors or ``torch.load(weights_only=True)``,
 and always onto the CPU first: under ``accelerate launch`` on CPU the device prints as
 ``cpu:0``, which safetensors and torch's storage restore both refuse; ``load_state_dict``
