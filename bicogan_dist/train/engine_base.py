@@ -176,8 +176,10 @@ def broadcast_text(text: str | None, engine: Engine, src: int = 0) -> str:
     data = (text or "").encode() if engine.rank == src else b""
     size = torch.tensor([len(data)], dtype=torch.int64, device=engine.device)
     torch.distributed.broadcast(size, src=src)
+    if not int(size[0]):
+        return ""
     buf = torch.zeros(int(size[0]), dtype=torch.uint8, device=engine.device)
-    if engine.rank == src and data:
+    if engine.rank == src:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     torch.distributed.broadcast(buf, src=src)
     return bytes(buf.cpu().tolist()).decode()
@@ -197,7 +199,7 @@ def process_group_timeout_s(device: torch.device) -> float | None:
     try:
         backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(device)
         return backend.options._timeout.total_seconds()
-    except (AttributeError, RuntimeError):  # a torch without these internals: nothing to report
+    except (AttributeError, RuntimeError, ValueError):  # a torch without these internals: nothing to report
         return None
 
 

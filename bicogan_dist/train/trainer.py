@@ -143,7 +143,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None,
     _on_every_rank(engine, lambda: ckpt.check_writable(run_dir))
     start = prepare_run_dir(cfg, resume, engine, run_dir)
     ckpt.check_shared_run_dir(run_dir, engine)
-    lock = ckpt.RunLock(run_dir).acquire() if engine.is_main else None
+    locks: list[ckpt.RunLock] = []  # rank 0's; a folder in use stops every rank, not rank 0 alone
+    _on_every_rank(engine, lambda: locks.append(ckpt.RunLock(run_dir).acquire()) if engine.is_main else None)
+    lock = locks[0] if locks else None
     try:
         return _train(cfg, engine, run_dir, start, evaluator_factory)
     finally:
