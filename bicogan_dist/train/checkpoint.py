@@ -443,12 +443,11 @@ def agree_on_resume(resolve: Callable[[], Path | None], run_dir: str | Path, eng
     if answer.get("none"):
         return None
     path = checkpoint_root(run_dir) / answer["name"] if "name" in answer else Path(answer["path"])
-    missing = missing_files(path)
-    if missing and not path.is_dir():
-        missing = ["the folder"]
+    missing = missing_files(path) if path.is_dir() else [path.name]
     blind = ranks_where(bool(missing), engine)
     if blind:
-        mine = f" (this rank, host {socket.gethostname()}, lacks {', '.join(missing)})" if missing else ""
+        seen = f"does not see {path}" if not path.is_dir() else f"lacks {', '.join(missing)} in {path}"
+        mine = f" (this rank, host {socket.gethostname()}, {seen})" if missing else ""
         raise CheckpointError(f"--resume {resume}: rank 0 resolved checkpoint {answer.get('name') or path} "
                               f"(step {answer['step']}) but rank(s) {blind} cannot see it{mine}; nothing was "
                               f"trained. {SHARED_FS_HINT}")
