@@ -81,7 +81,8 @@ def test_resume_with_a_rank_that_sees_no_checkpoint_stops_every_rank(trained, sh
                                "but rank(s) [1] cannot see it"), line
         assert "nothing was trained. log.run_dir must be on a filesystem every node mounts at the same path" in line
     rank1_view = trained.with_name("run.rank1") / "checkpoints" / "checkpoint-00000002"
-    assert sum(f", does not see {rank1_view})" in line for line in errors) == 1, "\n".join(errors)  # rank 1 says what it lacks
+    # Rank 1 also says what it lacks.
+    assert sum(f", does not see {rank1_view})" in line for line in errors) == 1, "\n".join(errors)
     assert "starting at step" not in out  # no rank started training, at step 0 or elsewhere
 
 
