@@ -5,9 +5,10 @@ multi-rank parts with a run folder of each rank's own, as on nodes whose run_dir
 
 1. ``checkpoint.save`` into ``OUT/node<R>`` (rank 0 creates only its own ``.tmp`` folder): every rank must
    create the folder it writes its RNG state into.
-2. ``checkpoint.load_agreed`` where rank 1's copy of the checkpoint holds another step: every rank must stop.
+2. ``checkpoint.load_agreed`` where rank 1's copy of the checkpoint holds another step, or the same step with
+   other weights: every rank must stop; with the same files on both ranks it loads.
 
-Writes ``OUT/rank<R>.json``: rank, world size, the process group's timeout, the saved folder, the load error.
+Writes ``OUT/rank<R>.json``: rank, world size, the process group's timeout, the saved folder, the load errors.
 """
 from __future__ import annotations
 
@@ -50,12 +51,28 @@ def main(out: Path) -> None:
         (other / ckpt.STATE_FILE).write_text(json.dumps({**state, "step": 7}))
     engine.barrier()
     point = ckpt.ResumePoint(saved if engine.is_main else other, 1)
+    result["load_error"] = load_error(point, engine, G_ema, model_section)
+
+    changed = out / "changed" / saved.name  # rank 1's view: the same step, other weights
+    if engine.is_main:
+        shutil.copytree(saved, changed)
+        ge = ckpt.read_tensors(changed / "ge.safetensors")
+        ckpt.write_tensors({k: v + 1 if v.is_floating_point() else v for k, v in ge.items()},
+                           changed / "ge.safetensors")
+    engine.barrier()
+    point = ckpt.ResumePoint(saved if engine.is_main else changed, 1)
+    result["weights_error"] = load_error(point, engine, G_ema, model_section)
+    committed = out / "node0" / "checkpoints" / saved.name  # rank 0's, which rank 1 can read here
+    result["same_files_error"] = load_error(ckpt.ResumePoint(committed, 1), engine, G_ema, model_section)
+    (out / f"rank{engine.rank}.json").write_text(json.dumps(result))
+
+
+def load_error(point: ckpt.ResumePoint, engine, G_ema: torch.nn.Module, model_section: dict) -> str | None:
     try:
         ckpt.load_agreed(point, engine, G_ema, model_section)
-        result["load_error"] = None
+        return None
     except ckpt.CheckpointError as exc:
-        result["load_error"] = str(exc)
-    (out / f"rank{engine.rank}.json").write_text(json.dumps(result))
+        return str(exc)
 
 
 if __name__ == "__main__":

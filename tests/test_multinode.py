@@ -110,7 +110,7 @@ def test_a_run_folder_not_shared_by_all_ranks_stops_at_start(shards, tmp_path):
         assert folder.is_dir() and not list(folder.glob(".shared-fs-*"))
 
 
-def test_every_rank_creates_its_checkpoint_folder_and_ranks_agree_on_the_loaded_step(tmp_path):
+def test_every_rank_creates_its_checkpoint_folder_and_ranks_agree_on_what_they_loaded(tmp_path):
     """Through tests/multinode_worker.py: rank 1's run folder is its own, so rank 0 never created its ``.tmp``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
            "--main_process_port", str(free_port()), str(WORKER), str(tmp_path)]
@@ -132,6 +132,12 @@ def test_every_rank_creates_its_checkpoint_folder_and_ranks_agree_on_the_loaded_
         assert "would train different weights; nothing was trained. log.run_dir must be on a filesystem" in \
             r["load_error"]
     assert "this rank loaded step 7" in results[1]["load_error"]
+    # The same step but other weights on rank 1: the hash of the loaded weights differs.
+    for r in results:
+        assert r["weights_error"].startswith(f"{committed if r['rank'] == 0 else tmp_path / 'changed' / committed.name}"
+                                             f": after loading step 1, rank(s) [1] hold other weights than rank 0"), r
+    # Both ranks load the same files: no error.
+    assert [r["same_files_error"] for r in results] == [None, None]
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])

@@ -37,6 +37,7 @@ folder; the unfinished ``.tmp`` folder is removed and earlier checkpoints are un
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -458,7 +459,8 @@ def load_agreed(point: ResumePoint, engine: Engine, G_ema: torch.nn.Module, mode
     """:func:`load` on every rank, then every rank confirms all of them loaded rank 0's step, or all stop.
 
     After DDP's one-time broadcast of the initial weights, each rank loads the checkpoint on its own;
-    the weights are identical only if every rank loaded the same checkpoint, which the step check confirms.
+    the weights are identical only if every rank loaded the same checkpoint: the ranks confirm the
+    step, then a hash of G+E, D and the EMA against rank 0's.
     """
     from bicogan_dist.config import ConfigError
 
@@ -479,7 +481,24 @@ def load_agreed(point: ResumePoint, engine: Engine, G_ema: torch.nn.Module, mode
         raise CheckpointError(f"{point.path}: rank(s) {wrong} loaded another step than rank 0's {point.step}"
                               f"{mine}: the ranks do not see the same checkpoint and would train different "
                               f"weights; nothing was trained. {SHARED_FS_HINT}")
+    digest = weights_digest([engine.unwrap(u) for u in UNITS] + [G_ema])
+    differ = ranks_where(digest != broadcast_text(digest if engine.is_main else None, engine), engine)
+    if differ:
+        raise CheckpointError(f"{point.path}: after loading step {step}, rank(s) {differ} hold other weights than "
+                              f"rank 0: the ranks do not see the same checkpoint files; nothing was trained. "
+                              f"{SHARED_FS_HINT}")
     return step
+
+
+def weights_digest(modules: list[torch.nn.Module]) -> str:
+    """A hash of every tensor of ``modules`` (names, dtypes, shapes, bytes): equal only for identical weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading weights (export)
