@@ -256,6 +256,8 @@ def test_trainer_logs_periodic_evaluation_to_tensorboard(built, tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"eval/conditional_accuracy", "eval/fid_training", "eval/encoder_accuracy"} <= tags, tags
     assert [e.step for e in acc.Scalars("eval/conditional_accuracy")] == [1, 2]
+    assert [e.step for e in acc.Scalars("time/eval_s")] == [1, 2]  # how long rank 0 evaluated (other ranks wait)
+    assert all(e.value > 0 for e in acc.Scalars("time/eval_s"))
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("eval/encoder_accuracy"))
 
 

@@ -12,8 +12,14 @@ Layout of one run::
         rng-rank<R>.pt                       each rank's torch RNG state
         state.json                           step, epoch, world size, engine, model — written last
 
-Every rank writes into ``checkpoint-XXXXXXXX.tmp`` and rank 0 renames it only after all
-ranks are done, so a checkpoint interrupted mid-write is never taken for a good one.
+Every rank writes into ``checkpoint-XXXXXXXX.tmp`` (creating it if it cannot see rank 0's yet) and
+rank 0 renames it only after all ranks are done, so a checkpoint interrupted mid-write is never
+taken for a good one.
+
+All ranks share one run folder (a filesystem every node mounts): :func:`check_shared_run_dir`
+proves it at start with a marker file per rank; :func:`agree_on_resume` lets rank 0 alone resolve
+``--resume`` and every rank confirm it sees that checkpoint; :func:`load_agreed` confirms every
+rank loaded rank 0's step. Each ends with a collective, so a failure on one rank stops them all.
 Nothing here unpickles: tensors come from safetensors or ``torch.load(weights_only=True)``,
 and always onto the CPU first: under ``accelerate launch`` on CPU the device prints as
 ``cpu:0``, which safetensors and torch's storage restore both refuse; ``load_state_dict``
@@ -31,6 +37,7 @@ folder; the unfinished ``.tmp`` folder is removed and earlier checkpoints are un
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -38,12 +45,16 @@ import re
 import shutil
 import socket
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from bicogan_dist.train.engine_base import broadcast_text, ranks_where
 
 if TYPE_CHECKING:
     from bicogan_dist.train.engine_base import Engine
@@ -221,7 +232,11 @@ def check_writable(run_dir: str | Path) -> Path:
 
 
 def begin(run_dir: str | Path, step: int, create: bool = False) -> Path:
-    """The temporary folder a checkpoint is written into; rank 0 passes ``create`` to make it afresh."""
+    """The temporary folder a checkpoint is written into; rank 0 passes ``create`` to make it afresh.
+
+    Without ``create`` nothing is made: every rank then creates the folder itself before it writes
+    (``mkdir(parents=True, exist_ok=True)`` in :func:`save`).
+    """
     tmp = checkpoint_root(run_dir) / (checkpoint_name(step) + ".tmp")
     if create:
         if tmp.exists():
@@ -261,6 +276,9 @@ def save(run_dir: Path, step: int, engine: Engine, G_ema: torch.nn.Module, state
     final = tmp.with_name(tmp.name[: -len(".tmp")])
 
     def write_parts() -> None:
+        # Every rank creates the folder it writes into: rank 0 made it on the shared filesystem, but a rank
+        # whose view lags (or a node-local run_dir) must not fail with FileNotFoundError.
+        tmp.mkdir(parents=True, exist_ok=True)
         engine.save(tmp)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -332,6 +350,155 @@ def load(folder: Path, engine: Engine, G_ema: torch.nn.Module, model_section: di
         print(f"warning: resuming a {state.get('world_size')}-process checkpoint on {engine.world_size} processes: "
               f"the data order differs from a straight run", flush=True)
     return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- every rank, one run folder
+SHARED_FS_HINT = ("log.run_dir must be on a filesystem every node mounts at the same path (NFS, Lustre, GPFS, ...), "
+                  "not a node-local disk: every rank writes its part of each checkpoint into one folder and every "
+                  "rank reads it back on --resume")
+#: How long rank 0 looks for the other ranks' marker files (an NFS client may cache a directory listing briefly).
+SHARED_FS_WAIT_S = 5.0
+
+
+def check_shared_run_dir(run_dir: str | Path, engine: Engine, wait_s: float = SHARED_FS_WAIT_S) -> None:
+    """Stop at start, on every rank, unless all ranks see one run folder (the shared-filesystem check).
+
+    Each rank writes a marker file named by a token of rank 0's; after a barrier rank 0 looks for all
+    of them; every rank then learns the verdict and removes its own marker. Raises ConfigError (exit 2)
+    naming the ranks rank 0 could not see.
+    """
+    if engine.world_size == 1:
+        return
+    from bicogan_dist.config import ConfigError
+
+    run_dir = Path(run_dir)
+    token = broadcast_text(os.urandom(6).hex() if engine.is_main else None, engine)
+    name = f".shared-fs-{token}-rank{{}}"
+    mine = run_dir / name.format(engine.rank)
+    error: OSError | None = None
+    try:
+        mine.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as exc:
+        error = exc
+    failed = ranks_where(error is not None, engine)  # also the barrier: every marker is written
+    if failed:
+        raise ConfigError(f"log.run_dir: rank(s) {failed} cannot write into {run_dir}"
+                          f"{f' ({error.strerror or error})' if error else ''}; {SHARED_FS_HINT}")
+    verdict = None
+    if engine.is_main:
+        deadline = time.monotonic() + wait_s
+        while True:
+            os.listdir(run_dir)  # a fresh listing, not a cached lookup
+            unseen = [r for r in range(engine.world_size) if not (run_dir / name.format(r)).exists()]
+            if not unseen or time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        verdict = json.dumps(unseen)
+    unseen = json.loads(broadcast_text(verdict, engine))
+    mine.unlink(missing_ok=True)
+    if unseen:
+        where = (f"; this rank (host {socket.gethostname()}) wrote {mine}" if engine.rank in unseen else "")
+        raise ConfigError(f"log.run_dir: {run_dir} is not one folder shared by all ranks: rank 0 does not see the "
+                          f"marker files of rank(s) {unseen}{where}. {SHARED_FS_HINT}")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint every rank resumes from (this rank's path to it) and the step rank 0 read in it."""
+
+    path: Path
+    step: int
+
+
+def agree_on_resume(resolve: Callable[[], Path | None], run_dir: str | Path, engine: Engine,
+                    resume: str | None) -> ResumePoint | None:
+    """Rank 0 runs ``resolve`` (the ``--resume`` rule); every rank gets its answer and confirms it can read it.
+
+    Ranks never resolve ``latest`` on their own: a rank with a stale listing or a node-local run
+    folder would start at step 0 with other weights and the job would hang later. The answer
+    travels as the checkpoint's name inside ``run_dir`` (or its path, if outside) and its step; a
+    rank that lacks any file of it stops every rank with a CheckpointError naming the ranks.
+    An error in ``resolve`` (ConfigError, CheckpointError) is raised on every rank.
+    """
+    from bicogan_dist.config import ConfigError
+
+    run_dir = Path(run_dir)
+    payload = None
+    if engine.is_main:
+        try:
+            found = resolve()
+            if found is None:
+                payload = json.dumps({"none": True})
+            else:
+                found = Path(found)
+                inside = found.parent.resolve() == checkpoint_root(run_dir).resolve()
+                where = {"name": found.name} if inside else {"path": str(found.resolve())}
+                payload = json.dumps({**where, "step": int(read_state(found)["step"])})
+        except (ConfigError, CheckpointError, OSError, ValueError, KeyError) as exc:
+            payload = json.dumps({"error": str(exc), "config": isinstance(exc, ConfigError)})
+            if engine.world_size == 1:
+                raise
+    answer = json.loads(broadcast_text(payload, engine))
+    if "error" in answer:
+        raise (ConfigError if answer["config"] else CheckpointError)(answer["error"])
+    if answer.get("none"):
+        return None
+    path = checkpoint_root(run_dir) / answer["name"] if "name" in answer else Path(answer["path"])
+    missing = missing_files(path) if path.is_dir() else [path.name]
+    blind = ranks_where(bool(missing), engine)
+    if blind:
+        seen = f"does not see {path}" if not path.is_dir() else f"lacks {', '.join(missing)} in {path}"
+        mine = f" (this rank, host {socket.gethostname()}, {seen})" if missing else ""
+        raise CheckpointError(f"--resume {resume}: rank 0 resolved checkpoint {answer.get('name') or path} "
+                              f"(step {answer['step']}) but rank(s) {blind} cannot see it{mine}; nothing was "
+                              f"trained. {SHARED_FS_HINT}")
+    return ResumePoint(path, int(answer["step"]))
+
+
+def load_agreed(point: ResumePoint, engine: Engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
+    """:func:`load` on every rank, then every rank confirms all of them loaded rank 0's step, or all stop.
+
+    After DDP's one-time broadcast of the initial weights, each rank loads the checkpoint on its own;
+    the weights are identical only if every rank loaded the same checkpoint: the ranks confirm the
+    step, then a hash of G+E, D and the EMA against rank 0's.
+    """
+    from bicogan_dist.config import ConfigError
+
+    step, error = -1, None
+    try:
+        step = load(point.path, engine, G_ema, model_section)
+    except (ConfigError, CheckpointError, OSError) as exc:
+        error = exc
+    failed = ranks_where(error is not None, engine)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"{point.path}: rank(s) {failed} could not load this checkpoint (see their error); "
+                              f"nothing was trained. {SHARED_FS_HINT}")
+    wrong = ranks_where(step != point.step, engine)
+    if wrong:
+        mine = f"; this rank loaded step {step}" if step != point.step else ""
+        raise CheckpointError(f"{point.path}: rank(s) {wrong} loaded another step than rank 0's {point.step}"
+                              f"{mine}: the ranks do not see the same checkpoint and would train different "
+                              f"weights; nothing was trained. {SHARED_FS_HINT}")
+    digest = weights_digest([engine.unwrap(u) for u in UNITS] + [G_ema])
+    differ = ranks_where(digest != broadcast_text(digest if engine.is_main else None, engine), engine)
+    if differ:
+        raise CheckpointError(f"{point.path}: after loading step {step}, rank(s) {differ} hold other weights than "
+                              f"rank 0: the ranks do not see the same checkpoint files; nothing was trained. "
+                              f"{SHARED_FS_HINT}")
+    return step
+
+
+def weights_digest(modules: list[torch.nn.Module]) -> str:
+    """A hash of every tensor of ``modules`` (names, dtypes, shapes, bytes): equal only for identical weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading weights (export)

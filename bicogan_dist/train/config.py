@@ -70,6 +70,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile G, E and D
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None  # DeepSpeed JSON (engine: deepspeed)
+    # Seconds a rank waits in a collective (or at a barrier, e.g. while rank 0 evaluates) before the run
+    # fails instead of hanging; must exceed the longest evaluation (logged as time/eval_s).
+    dist_timeout_s: float = 1800.0
     # Debugging aid for tests: make the D loss NaN at this step (steps count from 1) to exercise the non-finite stop.
     inject_nan_at_step: int | None = None
 
@@ -86,6 +89,9 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"train.{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.dist_timeout_s, (int, float)) and math.isfinite(self.dist_timeout_s)
+                and self.dist_timeout_s > 0):
+            raise ConfigError(f"train.dist_timeout_s must be a number of seconds > 0, got {self.dist_timeout_s!r}")
 
 
 @dataclass

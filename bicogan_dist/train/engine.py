@@ -29,16 +29,20 @@ class AccelerateEngine(Engine):
 
     name = "ddp"
 
-    def __init__(self, mixed_precision: str | None) -> None:
+    def __init__(self, mixed_precision: str | None, dist_timeout_s: float = 1800.0) -> None:
+        from datetime import timedelta
+
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         # broadcast_buffers=False: G's BatchNorm buffers are not re-broadcast in the middle of a step.
         ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
         # cpu=True on machines without CUDA: accelerate's launcher does not pass a config's
         # ``use_cpu`` on to the processes, which then fall back to independent runs (docs/architecture.md §3).
+        # An explicit timeout (train.dist_timeout_s): a rank whose peer died or stalls fails after it, not never.
+        pg_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout_s))
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                                       kwargs_handlers=[ddp_kwargs])
+                                       kwargs_handlers=[ddp_kwargs, pg_kwargs])
         self.mixed_precision = self.accelerator.mixed_precision
 
     def prepare(self, models: GANModels, optim_cfg: OptimConfig, compile_models: bool = False,

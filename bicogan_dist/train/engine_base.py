@@ -122,10 +122,10 @@ def make_engine(cfg: ExperimentConfig) -> Engine:
         from bicogan_dist.train.engine_deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg.train.deepspeed_config, cfg.train.mixed_precision,
-                               micro_batch_size=cfg.data.batch_size)
+                               micro_batch_size=cfg.data.batch_size, dist_timeout_s=cfg.train.dist_timeout_s)
     from bicogan_dist.train.engine import AccelerateEngine
 
-    return AccelerateEngine(cfg.train.mixed_precision)
+    return AccelerateEngine(cfg.train.mixed_precision, dist_timeout_s=cfg.train.dist_timeout_s)
 
 
 # -- shared by both engines
@@ -191,6 +191,40 @@ def all_reduce(tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
     reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
     torch.distributed.all_reduce(out, op=reduce_op)
     return out
+
+
+def broadcast_text(text: str | None, engine: Engine, src: int = 0) -> str:
+    """Rank ``src``'s ``text`` on every rank (other ranks pass anything), as bytes in tensors: nothing is unpickled."""
+    if engine.world_size == 1:
+        return text or ""
+    data = (text or "").encode() if engine.rank == src else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=engine.device)
+    torch.distributed.broadcast(size, src=src)
+    if not int(size[0]):
+        return ""
+    buf = torch.zeros(int(size[0]), dtype=torch.uint8, device=engine.device)
+    if engine.rank == src:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    torch.distributed.broadcast(buf, src=src)
+    return bytes(buf.cpu().tolist()).decode()
+
+
+def ranks_where(flag: bool, engine: Engine) -> list[int]:
+    """The ranks on which ``flag`` is true, known to every rank (one all-reduce; also a barrier)."""
+    vec = torch.zeros(engine.world_size, device=engine.device)
+    vec[engine.rank] = float(flag)
+    return [r for r, v in enumerate(engine.all_reduce(vec).tolist()) if v]
+
+
+def process_group_timeout_s(device: torch.device) -> float | None:
+    """The timeout the default process group really runs with (read back from torch.distributed), or None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    try:
+        backend = torch.distributed.distributed_c10d._get_default_group()._get_backend(device)
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError, ValueError):  # a torch without these internals: nothing to report
+        return None
 
 
 def grad_norm(params: Iterable[nn.Parameter]) -> float:

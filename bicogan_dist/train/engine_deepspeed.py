@@ -315,8 +315,9 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, config_path: str | None, mixed_precision: str | None,
-                 micro_batch_size: int | None = None) -> None:
+                 micro_batch_size: int | None = None, dist_timeout_s: float = 1800.0) -> None:
         self.config_path = config_path
+        self.dist_timeout_s = dist_timeout_s
         # Checked here, without DeepSpeed, so config mistakes fail fast; rechecked with optim.grad_clip in prepare().
         self.resolved = resolve_config(config_path, mixed_precision, micro_batch_size,
                                        launch_precision=os.environ.get("ACCELERATE_MIXED_PRECISION"))
@@ -341,7 +342,10 @@ class DeepSpeedEngine(Engine):
         on_cpu = self.accelerator.device_name() == "cpu"
         if not torch.distributed.is_initialized():
             # CPU: gloo (DeepSpeed's CPU default, oneCCL, is not installed); GPU: DeepSpeed's choice (nccl).
-            self.deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, auto_mpi_discovery=False)
+            from datetime import timedelta
+
+            self.deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, auto_mpi_discovery=False,
+                                            timeout=timedelta(seconds=self.dist_timeout_s))
         if on_cpu:
             self._device = torch.device("cpu")
         else:
@@ -471,8 +475,15 @@ class DeepSpeedEngine(Engine):
                 engine.save_checkpoint(str(folder), tag=unit, client_state=client, save_latest=False)
 
     def load(self, folder: Path) -> None:
-        from bicogan_dist.train.checkpoint import CheckpointError
+        """Restore both units; a ZeRO checkpoint resumes only on the world size that wrote it."""
+        from bicogan_dist.train.checkpoint import CheckpointError, read_state
 
+        written = read_state(folder).get("world_size")
+        if written != self.world_size:
+            # ZeRO 1/2 optimizer states are partitioned by rank: another world size would misassign them.
+            raise CheckpointError(f"{folder}: this DeepSpeed ZeRO checkpoint was written by {written} processes and "
+                                  f"cannot resume on {self.world_size}; resume it with {written} processes, or "
+                                  f"start a new run from its exported weights")
         for unit, engine in self.engines.items():
             if not (Path(folder) / unit).is_dir():
                 raise CheckpointError(f"{folder}: no DeepSpeed checkpoint '{unit}/' (written by another engine?)")

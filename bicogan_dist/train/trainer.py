@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 import hashlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_wei
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig, check_world_size, ema_decay_per_step, scaled_optim
-from bicogan_dist.train.engine_base import Engine, make_engine
+from bicogan_dist.train.engine_base import Engine, make_engine, process_group_timeout_s, ranks_where
 from bicogan_dist.train.monitor import Monitor, encoder_accuracy
 
 
@@ -116,14 +117,50 @@ class LossHealth:
         return bool(stop)
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: str | None) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume from; refuses to mix a new run into an old one."""
-    run_dir = Path(cfg.log.run_dir)
-    start = ckpt.resolve_checkpoint(resume, run_dir) if resume else None
-    if resume is None and ckpt.list_checkpoints(run_dir):
-        raise ConfigError(f"log.run_dir: {run_dir} already holds checkpoints; pass --resume latest to continue it "
-                          f"or choose another log.run_dir")
-    return run_dir, start
+def prepare_run_dir(cfg: ExperimentConfig, resume: str | None, engine: Engine,
+                    run_dir: Path | None = None) -> ckpt.ResumePoint | None:
+    """The checkpoint to resume from, decided by rank 0 and confirmed readable by every rank.
+
+    Refuses to mix a new run into an old one. ``run_dir`` defaults to ``log.run_dir``.
+    """
+    run_dir = Path(run_dir or cfg.log.run_dir)
+
+    def resolve() -> Path | None:
+        if resume:
+            return ckpt.resolve_checkpoint(resume, run_dir)
+        if ckpt.list_checkpoints(run_dir):
+            raise ConfigError(f"log.run_dir: {run_dir} already holds checkpoints; pass --resume latest to continue "
+                              f"it or choose another log.run_dir")
+        return None
+
+    return ckpt.agree_on_resume(resolve, run_dir, engine, resume)
+
+
+#: Test hook (tests/test_multinode.py): with it set to ``1``, every rank R > 0 uses ``<log.run_dir>.rank<R>``
+#: as its run folder, as if log.run_dir lay on each node's own disk. Never set it for a real run.
+NODE_LOCAL_TEST_ENV = "BICOGAN_TEST_NODE_LOCAL_RUN_DIR"
+
+
+def rank_run_dir(run_dir: str | Path, rank: int) -> Path:
+    """This rank's run folder: ``log.run_dir``, except under the :data:`NODE_LOCAL_TEST_ENV` test hook."""
+    run_dir = Path(run_dir)
+    if rank > 0 and os.environ.get(NODE_LOCAL_TEST_ENV) == "1":
+        return run_dir.with_name(f"{run_dir.name}.rank{rank}")
+    return run_dir
+
+
+def _on_every_rank(engine: Engine, check: Callable[[], object]) -> None:
+    """Run a start-up ``check`` on every rank; if it fails on any, every rank stops (none waits in a collective)."""
+    error: ConfigError | None = None
+    try:
+        check()
+    except ConfigError as exc:
+        error = exc
+    failed = ranks_where(error is not None, engine)
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError(f"log.run_dir: rank(s) {failed} cannot use the run folder (see their error)")
 
 
 #: Builds, on the training device, ``fn(G_ema, E, class_names) -> {"eval/...": value}``. The trainer
@@ -133,19 +170,28 @@ EvaluatorFactory = Callable[[torch.device], Callable[[torch.nn.Module, torch.nn.
 
 def train(cfg: ExperimentConfig, resume: str | None = None,
           evaluator_factory: EvaluatorFactory | None = None) -> TrainResult:
-    """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0."""
-    ckpt.check_writable(cfg.log.run_dir)  # before any data is read or any step is trained
+    """Run (or continue) one training run; with ``cfg.eval.every`` it evaluates on rank 0.
+
+    Before any data is read or any step is trained, every rank checks that it can write the run
+    folder, rank 0 resolves ``--resume`` for all ranks, and all ranks confirm they share one run
+    folder (docs/architecture.md, checkpoints); a failure on any rank stops every rank.
+    """
     engine = make_engine(cfg)
-    run_dir, start_ckpt = prepare_run_dir(cfg, resume)
-    lock = ckpt.RunLock(run_dir).acquire() if engine.is_main else None
+    run_dir = rank_run_dir(cfg.log.run_dir, engine.rank)
+    _on_every_rank(engine, lambda: ckpt.check_writable(run_dir))
+    start = prepare_run_dir(cfg, resume, engine, run_dir)
+    ckpt.check_shared_run_dir(run_dir, engine)
+    locks: list[ckpt.RunLock] = []  # rank 0's; a folder in use stops every rank, not rank 0 alone
+    _on_every_rank(engine, lambda: locks.append(ckpt.RunLock(run_dir).acquire()) if engine.is_main else None)
+    lock = locks[0] if locks else None
     try:
-        return _train(cfg, engine, run_dir, start_ckpt, evaluator_factory)
+        return _train(cfg, engine, run_dir, start, evaluator_factory)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Path | None,
+def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.ResumePoint | None,
            evaluator_factory: EvaluatorFactory | None) -> TrainResult:
     device, rank, world = engine.device, engine.rank, engine.world_size
     check_world_size(cfg, world)
@@ -173,8 +219,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
     adc_on = conditional and cfg.loss.adc_weight > 0
 
     start_step = 0
-    if start_ckpt is not None:
-        start_step = ckpt.load(start_ckpt, engine, G_ema, cfg.to_dict()["model"])
+    if start is not None:  # every rank loads rank 0's choice and confirms the step it loaded
+        start_step = ckpt.load_agreed(start, engine, G_ema, cfg.to_dict()["model"])
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run_dir)
@@ -189,13 +235,14 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
                           generator=torch.Generator().manual_seed(cfg.train.seed)).to(device)
 
     evaluator = None
-    if evaluator_factory is not None and cfg.eval.every > 0 and engine.is_main:
+    eval_on = evaluator_factory is not None and cfg.eval.every > 0  # known on every rank; evaluation runs on rank 0
+    if eval_on and engine.is_main:
         evaluator = evaluator_factory(device)
     ema_decay = ema_decay_per_step(cfg.train, cfg.data.batch_size * world)
     monitor = Monitor(run_dir, engine.is_main, cfg.train.max_steps, start_step, cfg.log.progress)
     monitor.write(f"run {run_dir}: {cfg.model.kind}/{cfg.model.arch}, {world} process(es) on {device.type}, "
                   f"precision {engine.mixed_precision}, {per_epoch} batches/epoch of {cfg.data.batch_size}/process, "
-                  f"starting at step {start_step}")
+                  f"starting at step {start_step}{_timeout_note(device)}")
     monitor.write(f"global batch {cfg.data.batch_size * world} images/step; lr/ge {engine.learning_rate('ge'):.4g}, "
                   f"lr/d {engine.learning_rate('d'):.4g} (optim.lr_scaling {cfg.optim.lr_scaling}); EMA decay "
                   f"{ema_decay:.6g}/step")
@@ -319,7 +366,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             at_log = step % cfg.log.log_every == 0 or last
             at_images = step % cfg.log.image_every == 0 or last
             # The same on every rank (the evaluator exists on rank 0 only): the flag comparison below is collective.
-            at_eval = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or last)
+            at_eval = eval_on and (step % cfg.eval.every == 0 or last)
             at_checkpoint = step % cfg.log.checkpoint_every == 0 or last
             # The ranks compare flags (a non-finite loss since the last comparison, a stop signal) only
             # every train.sync_every steps, and always before anything is logged or saved: nothing is
@@ -353,8 +400,16 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start_ckpt: Pat
             if at_images:
                 monitor.images(step, G_ema, ge_raw.E, fixed_z, label_names, conditional,
                                heldout_x[:8], heldout_y[:8])
-            if at_eval and evaluator is not None:
-                monitor.scalars(step, evaluator(G_ema, ge_raw.E, label_names))
+            if at_eval:
+                # Rank 0 evaluates; the others wait at the barrier below, not inside the next step's collective.
+                if evaluator is not None:
+                    t_eval = time.perf_counter()
+                    values = evaluator(G_ema, ge_raw.E, label_names)
+                    values["time/eval_s"] = time.perf_counter() - t_eval
+                    monitor.scalars(step, values)
+                    monitor.write(f"step {step}: evaluation took {values['time/eval_s']:.1f} s "
+                                  f"(train.dist_timeout_s={cfg.train.dist_timeout_s:g} must exceed it)")
+                engine.barrier()
             if at_checkpoint:
                 saved = ckpt.save(run_dir, step, engine, G_ema, {
                     "epoch": step / per_epoch, "batches_per_epoch": per_epoch, "model": cfg.to_dict()["model"],
@@ -374,6 +429,12 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def _timeout_note(device: torch.device) -> str:
+    """``, process-group timeout N s`` as torch.distributed runs it (empty in a single process)."""
+    timeout = process_group_timeout_s(device)
+    return "" if timeout is None else f", process-group timeout {timeout:g} s"
 
 
 def arrange_batch(x: torch.Tensor, y: torch.Tensor, sort_by_emotion: bool,
