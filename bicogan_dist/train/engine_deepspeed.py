@@ -456,7 +456,7 @@ class DeepSpeedEngine(Engine):
         engine.step()
         if scale is not None:
             scale.update(bool(engine.optimizer.overflow))
-        if not (want_grad_norm or self.grad_clip > 0):
+        if not want_grad_norm:  # reading the norm is a host sync: only at log steps
             return None
         norm = engine.get_global_grad_norm()
         return None if norm is None else float(norm)
