@@ -640,8 +640,9 @@ class StreamingBatches(BatchSource):
         workers = self.cfg.num_workers
         if workers > 0:
             _opencv_fork_safe()
+        pin = self.device.type == "cuda"  # batches stay in pinned memory up to the non-blocking copy
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
+            dataset, batch_size=None, num_workers=workers, pin_memory=pin,
             persistent_workers=False, worker_init_fn=_worker_init if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None)
         B = self.batch_size
@@ -659,8 +660,12 @@ class StreamingBatches(BatchSource):
                 have += item[0].shape[0]
                 if have < B:
                     continue
-                xs = torch.cat([p[0] for p in pending]) if len(pending) > 1 else pending[0][0]
-                ys = torch.cat([p[1] for p in pending]) if len(pending) > 1 else pending[0][1]
+                if len(pending) > 1:  # a chunk boundary: cat makes pageable memory, pinned again for the copy
+                    xs, ys = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+                    if pin:
+                        xs, ys = xs.pin_memory(), ys.pin_memory()
+                else:
+                    xs, ys = pending[0]
                 a = 0
                 while have - a >= B:
                     if k >= start_batch:
