@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -114,3 +115,22 @@ def test_train_module_reports_a_bad_override_with_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: unknown config key model.knd")
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_error_lines_of_concurrent_processes_never_merge():
+    """Ranks share the launcher's stderr, unbuffered under the launcher: each ``error:`` line is one write.
+
+    (With ``print`` the newline was a second write, and two ranks' messages ran into one line.)
+    """
+    script = ("import sys\nfrom bicogan_dist.cli.common import fail\n"
+              "for i in range(1500):\n    fail(f'rank {sys.argv[1]} message {i} ' + 'x' * 300)\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    r, w = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank)], stderr=w, env=env) for rank in (0, 1)]
+    os.close(w)
+    with os.fdopen(r, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    assert [p.wait() for p in procs] == [0, 0]
+    assert len(lines) == 3000
+    assert all(line.startswith("error: rank ") and line.endswith("x" * 300) and line.count("error:") == 1
+               for line in lines)

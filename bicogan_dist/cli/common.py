@@ -7,6 +7,8 @@ usage errors also exit 2.
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -43,9 +45,21 @@ def fail(exc: BaseException | str, code: int = USER_ERROR) -> int:
     from bicogan_dist.train.launcher import report_error
 
     message = f"error: {exc}"
-    print(message, file=sys.stderr, flush=True)
+    _write_line(message)
     report_error(message)
     return code
+
+
+def _write_line(text: str) -> None:
+    """``text`` and its newline in one write(2): ranks share the launcher's stderr, and with an unbuffered
+    stream (PYTHONUNBUFFERED) ``print`` writes the newline apart, so two ranks' lines could merge into one."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # a stream without a descriptor (captured)
+        print(text, file=sys.stderr, flush=True)
+        return
+    os.write(fd, (text + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace"))
 
 
 def run_command(action: Callable[[], int], errors: Mapping[ExceptionTypes, int]) -> int:
