@@ -65,6 +65,7 @@ def main(out: Path) -> None:
     committed = out / "node0" / "checkpoints" / saved.name  # rank 0's, which rank 1 can read here
     result["same_files_error"] = load_error(ckpt.ResumePoint(committed, 1), engine, G_ema, model_section)
     (out / f"rank{engine.rank}.json").write_text(json.dumps(result))
+    engine.close()
 
 
 def load_error(point: ckpt.ResumePoint, engine, G_ema: torch.nn.Module, model_section: dict) -> str | None:

@@ -54,6 +54,7 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, evaluator_factory=_evaluator_factory(cfg))
     if result.engine.is_main:
         print(f"done: {result.run_dir} at step {result.step}", flush=True)
+    result.engine.close()
     return 0
 
 

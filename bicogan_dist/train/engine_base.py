@@ -81,6 +81,17 @@ class Engine(abc.ABC):
         """Sum or max of ``tensor`` over ranks, out of place."""
         return all_reduce(tensor, op, self.world_size)
 
+    def close(self) -> None:
+        """Wait for every rank, then tear the process group down.
+
+        A process that exits with the group alive can abort in gloo's or NCCL's background threads
+        ("terminate called without an active exception") and turn a finished run's exit status
+        into a failure; the launcher then reports the whole job as failed.
+        """
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.barrier()
+            torch.distributed.destroy_process_group()
+
     # -- modules
     @abc.abstractmethod
     def unwrap(self, unit: Unit) -> nn.Module:
