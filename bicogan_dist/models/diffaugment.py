@@ -1,4 +1,4 @@
-"""Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): translation and cutout.
+"""Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020): flip, translation and cutout.
 
 Why: on a small set D memorises the real faces and its gradients stop telling G anything
 useful; augmenting *both* real and fake images the same way, differentiably (so G's gradient
@@ -8,6 +8,8 @@ The parameters of one step are drawn once (``sample``) from a seeded generator a
 the real and the fake batch of that step, in the D update and in the G/E update alike; a
 resumed run draws the same parameters as a straight one.
 
+- ``flip``: mirror left-right with probability 1/2 (a mirrored face is still a face with the same
+  emotion; StyleGAN's ``--mirror`` applies it to the data instead).
 - ``translation``: shift by up to ``1/8`` of the image in x and y (integer pixels), zero padded
   (zero is mid-grey in [-1, 1]).
 - ``cutout``: one square of half the image side set to 0 at a random centre.
@@ -18,29 +20,32 @@ from dataclasses import dataclass
 
 import torch
 
-DIFF_AUGMENTS: tuple[str, ...] = ("translation", "cutout")
+DIFF_AUGMENTS: tuple[str, ...] = ("flip", "translation", "cutout")
 TRANSLATION_RATIO = 0.125
 CUTOUT_RATIO = 0.5
 
 
 @dataclass
 class DiffAugmentParams:
-    """One step's draw: per-sample shifts and cutout centres (None where the op is off)."""
+    """One step's draw: per-sample mirror flags, shifts and cutout centres (None where the op is off)."""
 
-    shift: torch.Tensor | None  # (B, 2) integer pixels (dy, dx)
-    centre: torch.Tensor | None  # (B, 2) integer pixels (cy, cx)
+    flip: torch.Tensor | None = None  # (B,) bool
+    shift: torch.Tensor | None = None  # (B, 2) integer pixels (dy, dx)
+    centre: torch.Tensor | None = None  # (B, 2) integer pixels (cy, cx)
 
 
 def sample(ops: list[str] | tuple[str, ...], batch: int, size: int, generator: torch.Generator,
            device: torch.device) -> DiffAugmentParams:
     """Draw the parameters of ``ops`` for ``batch`` images of ``size`` x ``size`` (on ``generator``'s device)."""
-    shift = centre = None
+    flip = shift = centre = None
+    if "flip" in ops:
+        flip = torch.rand(batch, generator=generator, device=device) < 0.5
     if "translation" in ops:
         m = int(size * TRANSLATION_RATIO + 0.5)
         shift = torch.randint(-m, m + 1, (batch, 2), generator=generator, device=device)
     if "cutout" in ops:
         centre = torch.randint(0, size, (batch, 2), generator=generator, device=device)
-    return DiffAugmentParams(shift, centre)
+    return DiffAugmentParams(flip, shift, centre)
 
 
 def _grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +55,11 @@ def _grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def apply(x: torch.Tensor, params: DiffAugmentParams) -> torch.Tensor:
     """Augment ``x`` (B, C, H, W) with one step's parameters; differentiable with respect to ``x``."""
-    if params.shift is None and params.centre is None:
+    if params.flip is None and params.shift is None and params.centre is None:
         return x
     b, _, h, w = x.shape
+    if params.flip is not None:
+        x = torch.where(params.flip.view(b, 1, 1, 1), x.flip(-1), x)
     ys, xs = _grid(h, x.device)
     if params.shift is not None:
         dy, dx = params.shift[:, 0].view(b, 1, 1), params.shift[:, 1].view(b, 1, 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -141,10 +141,9 @@ def make_engine(cfg: ExperimentConfig) -> Engine:
 
 # -- shared by both engines
 class GeneratorEncoder(nn.Module):
-    """G and E as one unit: one forward gives G(z, c) and E(x) for both steps of an iteration.
+    """G and E as one unit: one forward gives everything both steps of an iteration need from G and E.
 
-    With ``encode_fake`` it also encodes the fake batch, E_z(G(z, c)), for the latent cycle
-    loss; that stays inside this (DDP-wrapped) forward so every gradient path is one DDP pass.
+    Every gradient path stays inside this (DDP-wrapped) forward, so each step is one DDP pass.
     """
 
     def __init__(self, G: nn.Module, E: nn.Module | None) -> None:
@@ -152,16 +151,36 @@ class GeneratorEncoder(nn.Module):
         self.G = G
         self.E = E
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None, encode_fake: bool = False):
-        """(fake, z_hat, c_logits) and, with ``encode_fake``, z_rec = E_z(fake)."""
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None, encode_fake: bool = False,
+                x_efl: torch.Tensor | None = None, y_recon: torch.Tensor | None = None) -> GEOutputs:
+        """G(z, c) and, given real ``x`` and an encoder, E(x).
+
+        ``encode_fake``: also z_rec = E_z(G(z, c)) (the latent cycle). ``x_efl``: an augmented view of
+        ``x``; the emotion logits are then E_c(x_efl), while z_hat stays E_z(x). ``y_recon``: also
+        recon = G(E_z(x), y_recon) (the reconstruction loss).
+        """
         fake = self.G(z, c)
         if self.E is None or x is None:
-            return (fake, None, None, None) if encode_fake else (fake, None, None)
-        z_hat, c_logits = self.E(x)
-        if not encode_fake:
-            return fake, z_hat, c_logits
-        z_rec, _ = self.E(fake)  # a separate call: the paper E's BatchNorm must not mix real and fake
-        return fake, z_hat, c_logits, z_rec
+            return GEOutputs(fake)
+        if x_efl is None:
+            z_hat, c_logits = self.E(x)
+        else:  # one E call: GroupNorm (ours) is per sample; the paper's BatchNorm sees both views
+            z_both, c_both = self.E(torch.cat([x, x_efl]))
+            z_hat, c_logits = z_both[:x.shape[0]], (None if c_both is None else c_both[x.shape[0]:])
+        # Separate calls: BatchNorm (G's; the paper E's) must not mix fakes with encodings of reals.
+        z_rec = self.E(fake)[0] if encode_fake else None
+        recon = self.G(z_hat, y_recon) if y_recon is not None else None
+        return GEOutputs(fake, z_hat, c_logits, z_rec, recon)
+
+
+class GEOutputs(NamedTuple):
+    """What ``GeneratorEncoder.forward`` computed (None where it was not asked for)."""
+
+    fake: torch.Tensor
+    z_hat: torch.Tensor | None = None
+    c_logits: torch.Tensor | None = None
+    z_rec: torch.Tensor | None = None
+    recon: torch.Tensor | None = None
 
 
 def device_defaults(device: torch.device, mixed_precision: str) -> dict[str, object]:

@@ -7,7 +7,8 @@ through the plain D module with D frozen (so D's DDP hooks never fire in the G/E
 step), plus the extrinsic factor loss on E's emotion logits for real images and
 (unless ``loss.latent_weight`` is 0) the latent cycle loss ||E_z(G(z, c)) - z||^2.
 Optional terms, each a config weight: mode seeking over fake pairs (2i, 2i + 1) that share
-an emotion, ADC-GAN's real-k / fake-k head on D, and DiffAugment on every image D sees.
+an emotion, ADC-GAN's real-k / fake-k head on D, DiffAugment on every image D sees, an
+augmented view of x for E's emotion head alone, and the reconstruction |G(E_z(x), y) - x|.
 
 Exact resume: the data order is a pure function of (seed, epoch, rank) and z (and D's
 augmentation) of (seed, step, rank), so a checkpoint needs models, optimizers, scalers, EMA, each
@@ -35,7 +36,8 @@ from bicogan_dist.data.manifest import ShardManifest
 from bicogan_dist.imaging import to_model_range
 from bicogan_dist.models import diffaugment
 from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty,
-                                        adc_d_loss, adc_g_loss, latent_cycle_loss, mode_seeking_loss)
+                                        adc_d_loss, adc_g_loss, latent_cycle_loss, mode_seeking_loss,
+                                        reconstruction_loss)
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig, check_world_size, ema_decay_per_step, scaled_optim
@@ -217,6 +219,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
     latent_on = bidirectional and cfg.loss.latent_weight > 0
     mode_seeking = cfg.loss.mode_seeking_weight > 0
     adc_on = conditional and cfg.loss.adc_weight > 0
+    recon_on = bidirectional and cfg.loss.recon_weight > 0
 
     start_step = 0
     if start is not None:  # every rank loads rank 0's choice and confirms the step it loaded
@@ -269,11 +272,14 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             want_norm = (step + 1) % cfg.log.log_every == 0 or step + 1 == cfg.train.max_steps
 
             # One forward of G and E, shared by both updates.
+            x_efl = None
+            if efl_on and cfg.loss.efl_augment:  # E's emotion head learns from its own augmented view of x
+                efl_gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank, "efl_aug"))
+                x_efl = diffaugment.apply(x, diffaugment.sample(cfg.loss.efl_augment, b, x.shape[-1], efl_gen, device))
             with engine.autocast():
-                if latent_on:
-                    fake, z_hat, c_logits, z_rec = engine.ge(z, c, x, encode_fake=True)
-                else:
-                    fake, z_hat, c_logits = engine.ge(z, c, x if bidirectional else None)
+                fake, z_hat, c_logits, z_rec, recon = engine.ge(
+                    z, c, x if bidirectional else None, encode_fake=latent_on, x_efl=x_efl,
+                    y_recon=(y if conditional else None) if recon_on else None)
             c_fake = F.one_hot(c, n_cls).float() if conditional else None
             if not conditional:
                 c_real = None
@@ -338,6 +344,10 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             if latent_on:
                 loss_latent = latent_cycle_loss(z_rec, z)
                 loss_ge = loss_ge + cfg.loss.latent_weight * loss_latent
+            loss_recon = None
+            if recon_on:
+                loss_recon = reconstruction_loss(recon, x)
+                loss_ge = loss_ge + cfg.loss.recon_weight * loss_recon
             loss_ms = None
             if mode_seeking:
                 loss_ms = mode_seeking_loss(fake, z, pool=cfg.loss.mode_seeking_pool)
@@ -354,6 +364,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
                 metrics["loss/latent_cycle"] = loss_latent
             if loss_ms is not None:
                 metrics["loss/mode_seeking"] = loss_ms
+            if loss_recon is not None:
+                metrics["loss/reconstruction"] = loss_recon
             if loss_adc_d is not None:
                 metrics["loss/adc_d"] = loss_adc_d
             if efl_on:
