@@ -45,7 +45,7 @@ def plain_loop(arch: str, batch: int, steps: int, precision: str, width: float, 
     from bicogan_dist.models.networks import ModelConfig, build_models
 
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="bicogan", arch=arch, width=width)
+    cfg = ModelConfig(kind="bicogan", arch=arch, width=width, channels_last=True)  # as this loop was measured
     latent = LATENT_WEIGHT[arch] > 0
     dev = torch.device(device)
     m = build_models(cfg, 6).to(dev)

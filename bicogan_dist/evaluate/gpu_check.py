@@ -20,7 +20,8 @@ Steps (row ids in the report):
 - ``train_fp16`` / ``train_fp32``: the other precisions.
 - ``throughput_<arch>_b<batch>``: the trainer's logged images/s (median, warm-up interval left
   out) for arch ours and paper at two batch sizes in bf16 (the measurement of
-  ``tools/bench_train.py``: the real trainer, ``perf/images_per_s`` from TensorBoard).
+  ``tools/bench_train.py``: the real trainer, ``perf/images_per_s`` from TensorBoard), and the
+  memory format ``model.channels_last=auto`` chose at start with both of its timings.
 - ``compile``: ``train.compile=true`` against the same run without it.
 - ``loader``: samples/s of the loaders the trainer uses (``build_loader`` + ``build_augmenter``,
   as ``tools/bench_data.py`` measures them), memory and stream, with and without augmentation,
@@ -453,7 +454,24 @@ def _throughput(ctx: Context, name: str, arch: str, batch: int, timeout: float,
     if not rate:
         raise StepError(f"no perf/images_per_s in {run_dir}/tb")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # large at batch 4096, nothing reads them
-    return {"arch": arch, "batch": batch, "images_per_s": rate}
+    from bicogan_dist.train.memory_format import parse_memory_format_line  # imports torch: not before install
+
+    numbers: dict[str, Any] = {"arch": arch, "batch": batch, "images_per_s": rate}
+    layout = parse_memory_format_line(log)  # model.channels_last=auto: the trainer's choice and both timings
+    if layout is not None:
+        numbers.update({"channels_last": layout["channels_last"], "ms_contiguous": layout["ms_contiguous"],
+                        "ms_channels_last": layout["ms_channels_last"]})
+    return numbers
+
+
+def _layout(numbers: dict[str, Any]) -> str:
+    """``; channels_last (contiguous 12.1 ms, channels_last 9.8 ms)``: the trainer's memory-format choice, if logged."""
+    if "channels_last" not in numbers:
+        return ""
+    text = f"; {'channels_last' if numbers['channels_last'] else 'contiguous'}"
+    if numbers.get("ms_contiguous") is not None:
+        text += f" (contiguous {numbers['ms_contiguous']:.1f} ms, channels_last {numbers['ms_channels_last']:.1f} ms)"
+    return text
 
 
 def _step_throughput(arch: str, batch: int) -> Callable[[Context, float], tuple[str, dict[str, Any]]]:
@@ -464,7 +482,7 @@ def _step_throughput(arch: str, batch: int) -> Callable[[Context, float], tuple[
         text = f"arch {arch} b{batch} bf16: {numbers['images_per_s']:,.0f} img/s"
         if arch == "ours":
             text += f" (target >= {TARGET_IMAGES_PER_S:,} at the best batch, width 1)"
-        return text, numbers
+        return text + _layout(numbers), numbers
 
     return step
 

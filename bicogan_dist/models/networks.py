@@ -101,7 +101,11 @@ class ModelConfig:
     # The trainer sorts each batch by emotion, so a minibatch-stddev group holds one emotion and D sees a G that
     # draws one face per emotion (mixed-emotion groups vary whether or not z is used).
     mbstd_by_class: bool = True
-    channels_last: bool = True  # channels_last conv weights and inputs: 1.5-2x faster bf16 convs on CPU (oneDNN)
+    # channels_last (NHWC) conv weights and inputs while training: true, false, or "auto" = the trainer times both
+    # layouts at start and keeps the faster (bicogan_dist/train/memory_format.py). channels_last was 1.5-2x faster
+    # for bf16 convs on the CPU (oneDNN); on GPUs it depends on precision and batch. A bool or "auto" (YAML strings
+    # other than true/false/auto are refused in __post_init__).
+    channels_last: bool | str = "auto"
     # How G sees the emotion (``ours``): "concat" = an embedding concatenated with z at the input; "cbn" =
     # class-conditional BatchNorm in every G block from one shared class embedding (BigGAN/SNGAN). concat is
     # the default because it measured better at the quick start's budget (README, quality benchmark).
@@ -126,7 +130,9 @@ class ModelConfig:
         self.width = float(self.width)
         if isinstance(self.mbstd_group, bool) or not isinstance(self.mbstd_group, int) or self.mbstd_group < 0:
             raise ConfigError(f"model.mbstd_group must be an integer >= 0 (0 = off), got {self.mbstd_group!r}")
-        for name in ("spectral_norm", "d_batchnorm", "channels_last", "d_class_head", "mbstd_by_class"):
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            raise ConfigError(f"model.channels_last: {self.channels_last!r} is not one of [true, false, auto]")
+        for name in ("spectral_norm", "d_batchnorm", "d_class_head", "mbstd_by_class"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         for name, allowed in (("g_conditioning", G_CONDITIONING), ("d_conditioning", D_CONDITIONING)):
@@ -506,7 +512,11 @@ class GANModels(nn.Module):
 
 
 def build_models(cfg: ModelConfig, num_classes: int) -> GANModels:
-    """Build G, E, D for ``cfg``; initial weights come from torch's global RNG (seed before)."""
+    """Build G, E, D for ``cfg``; initial weights come from torch's global RNG (seed before).
+
+    Weights are channels_last only for ``channels_last=True``: ``"auto"`` is the trainer's to resolve
+    (``bicogan_dist.train.memory_format``), and other builders (exports, evaluation) stay contiguous.
+    """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     gen_cls, enc_cls, disc_cls = _ARCH[cfg.arch]
@@ -514,7 +524,7 @@ def build_models(cfg: ModelConfig, num_classes: int) -> GANModels:
     E = enc_cls(cfg, num_classes) if cfg.bidirectional else None
     D = disc_cls(cfg, num_classes)
     models = GANModels(cfg, num_classes, G, E, D)
-    if cfg.channels_last:
+    if cfg.channels_last is True:
         models = models.to(memory_format=torch.channels_last)
     return models
 

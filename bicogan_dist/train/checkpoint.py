@@ -320,15 +320,21 @@ def _write_agreed(engine: Engine, tmp: Path, write: Callable[[], Any]) -> None:
                                f"then resume with --resume latest ({last})") from error
 
 
+def _without_layout(section: Any) -> Any:
+    """A model section without ``channels_last`` (a memory layout, not part of what was trained)."""
+    return {k: v for k, v in section.items() if k != "channels_last"} if isinstance(section, dict) else section
+
+
 def load(folder: Path, engine: Engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
     """Restore engine units, EMA and this rank's RNG from ``folder``; returns the step.
 
-    The model section must equal the checkpoint's (a resumed run is the same experiment)
-    and so must the engine; a different process count resumes with a warning.
+    The model section must equal the checkpoint's (a resumed run is the same experiment), except
+    ``channels_last``: the saved tensors are contiguous whatever layout trained them. The engine
+    must match too; a different process count resumes with a warning.
     """
     folder = Path(folder)
     state = read_state(folder)
-    if state.get("model") != model_section:
+    if _without_layout(state.get("model")) != _without_layout(model_section):
         from bicogan_dist.config import ConfigError
 
         raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}); "

@@ -28,6 +28,7 @@ class AccelerateEngine(Engine):
     """
 
     name = "ddp"
+    applies_channels_last = True
 
     def __init__(self, mixed_precision: str | None, dist_timeout_s: float = 1800.0) -> None:
         from datetime import timedelta

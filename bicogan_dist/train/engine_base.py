@@ -40,6 +40,9 @@ class Engine(abc.ABC):
     name: str
     #: The precision the run actually uses ("no", "bf16" or "fp16"), settled at construction.
     mixed_precision: str
+    #: Whether ``prepare(channels_last=True)`` makes the weights channels_last; where not (ZeRO flattens them),
+    #: ``model.channels_last=auto`` resolves to false without measuring (``memory_format.py``).
+    applies_channels_last: bool
     ge: nn.Module
     d: nn.Module
 

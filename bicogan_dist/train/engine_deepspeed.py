@@ -313,6 +313,7 @@ class DeepSpeedEngine(Engine):
     """Two DeepSpeed ZeRO engines (``ge``, ``d``) behind the trainer's :class:`Engine` interface."""
 
     name = "deepspeed"
+    applies_channels_last = False  # ZeRO's flat buffers need contiguous weights (prepare); auto resolves to false
 
     def __init__(self, config_path: str | None, mixed_precision: str | None,
                  micro_batch_size: int | None = None, dist_timeout_s: float = 1800.0) -> None:
@@ -358,7 +359,8 @@ class DeepSpeedEngine(Engine):
                 channels_last: bool = False) -> None:
         """One DeepSpeed engine (torch Adam, ZeRO per the JSON) for G+E and one for D.
 
-        ``channels_last`` is accepted for the engines' common signature and not applied (see below).
+        ``channels_last`` is accepted for the engines' common signature and not applied (see below);
+        ``model.channels_last=auto`` therefore resolves to false here without measuring (``memory_format.py``).
         """
 
         if compile_models:

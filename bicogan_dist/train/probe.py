@@ -9,7 +9,8 @@ is ``bicogan_dist/cli/probe.py``:
                                modules hold them, the EMA (``ema.*``), and G's output on fixed inputs in
                                eval mode (``probe.z``, ``probe.c``, ``probe.G_out``);
   OUT_DIR/rank<R>.json         rank, world size, backend, step, engine, precision, ZeRO stage, DeepSpeed
-                               micro batch, parameter dtypes, fp16 loss scales, peak RSS (ru_maxrss, KiB).
+                               micro batch, parameter dtypes, the weights' memory layout (channels_last),
+                               fp16 loss scales, peak RSS (ru_maxrss, KiB).
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def run_probe(out: str | Path, config: str | Path | None = None, overrides: Sequ
         "rank": engine.rank, "world_size": engine.world_size, "backend": backend, "step": result.step,
         "engine": engine.name, "precision": engine.mixed_precision,
         "param_dtypes": sorted({str(p.dtype) for u in ("ge", "d") for p in engine.unwrap(u).parameters()}),
+        # The layout the live conv weights have (model.channels_last, resolved): channels_last and not contiguous.
+        "channels_last": any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                             for u in ("ge", "d") for p in engine.unwrap(u).parameters()),
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "last_checkpoint": str(last),
     }

@@ -17,6 +17,7 @@ rank's torch RNG and the step; epoch and the EFL schedule's t follow from the st
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 import hashlib
 import os
@@ -42,6 +43,7 @@ from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
 from bicogan_dist.train.config import ExperimentConfig, check_world_size, ema_decay_per_step, scaled_optim
 from bicogan_dist.train.engine_base import Engine, make_engine, process_group_timeout_s, ranks_where
+from bicogan_dist.train.memory_format import resolve_channels_last
 from bicogan_dist.train.monitor import Monitor, encoder_accuracy
 
 
@@ -205,11 +207,14 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
     n_cls = len(label_names)
     per_epoch = data.batches_per_epoch
 
+    # model.channels_last (auto: rank 0 times both layouts on throwaway copies and every rank takes its choice).
+    memory_format = resolve_channels_last(engine, cfg.model, n_cls, cfg.data.batch_size)
+    channels_last = memory_format.channels_last
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    models = build_models(cfg.model, n_cls)
+    models = build_models(dataclasses.replace(cfg.model, channels_last=channels_last), n_cls)
     G_ema = copy.deepcopy(models.G).to(device).requires_grad_(False)
     engine.prepare(models, scaled_optim(cfg.optim, cfg.data.batch_size * world), compile_models=cfg.train.compile,
-                   channels_last=cfg.model.channels_last)
+                   channels_last=channels_last)
     ge_raw, D_raw = engine.unwrap("ge"), engine.unwrap("d")
     # The G/E step's frozen D: compiled apart from the engine's D (no DDP, parameters frozen), so each of the
     # two is traced once and the requires_grad_ toggles never change what either sees.
@@ -249,6 +254,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
     monitor.write(f"global batch {cfg.data.batch_size * world} images/step; lr/ge {engine.learning_rate('ge'):.4g}, "
                   f"lr/d {engine.learning_rate('d'):.4g} (optim.lr_scaling {cfg.optim.lr_scaling}); EMA decay "
                   f"{ema_decay:.6g}/step")
+    monitor.write(memory_format.describe())
     stop = StopFlags()
     health = LossHealth(device)
     sums: dict[str, torch.Tensor] = {}
@@ -264,7 +270,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             x_u8, y, c = arrange_batch(x_u8, y, conditional and cfg.model.mbstd_by_class, conditional and mode_seeking)
             c = c if conditional else None
             x = to_model_range(x_u8)
-            if cfg.model.channels_last:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             b = x.shape[0]
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
