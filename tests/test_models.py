@@ -267,7 +267,7 @@ def test_keras_same_padding_puts_the_extra_pixel_bottom_right():
 @pytest.mark.parametrize("arch", ["ours", "paper"])
 def test_channels_last_matches_contiguous(arch):
     cfg, ref = make("bicogan", arch, channels_last=False)
-    _, cl = make("bicogan", arch)  # channels_last is the default
+    _, cl = make("bicogan", arch, channels_last=True)
     assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                for p in cl.parameters())
     for m in (ref, cl):

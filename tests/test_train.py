@@ -82,12 +82,19 @@ def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
                               *PROBE, str(out), "--config", str(SMOKE), f"data.shards={shards}",
                               f"log.run_dir={run_dir}", *TINY, "train.max_steps=6", "log.log_every=2",
                               "loss.mode_seeking_weight=1",  # the optional term too
+                              "model.channels_last=auto",  # rank 0 measures, both ranks take its choice
                               "log.image_every=3", "log.checkpoint_every=3", "log.keep_checkpoints=1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [i["world_size"] for i in infos] == [2, 2]
     assert [i["rank"] for i in infos] == [0, 1]
     assert {i["backend"] for i in infos} == {"gloo"}
+    from bicogan_dist.train.memory_format import parse_memory_format_line
+
+    assert (proc.stdout + proc.stderr).count("memory format: ") == 1  # rank 0 logs it
+    layout = parse_memory_format_line(proc.stdout + proc.stderr)
+    assert layout["setting"] == "auto" and layout["ms_contiguous"] > 0 and layout["ms_channels_last"] > 0
+    assert [i["channels_last"] for i in infos] == [layout["channels_last"]] * 2  # the live weights, on each rank
     rank0, rank1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and any(k.startswith("d.") for k in rank0)
     for key in rank0:
