@@ -202,10 +202,14 @@ def consolidated_matches_live_model(run: dict, shards: Path, overrides: list[str
 @pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_zero_two_processes_stay_in_sync_and_export_reproduces_g(shards, tmp_path, stage):
     overrides = [f"train.deepspeed_config={DS_CONFIGS / f'zero{stage}.json'}", "train.max_steps=4", "log.log_every=2",
-                 "log.checkpoint_every=100"]
+                 "log.checkpoint_every=100", "model.channels_last=auto"]
     result = launch_probe(tmp_path / "probe", shards, tmp_path / "run", *overrides)
     infos = result["infos"]
     assert [i["world_size"] for i in infos] == [2, 2] and [i["rank"] for i in infos] == [0, 1]
+    # ZeRO keeps weights contiguous: auto resolves to false there without measuring.
+    assert ("memory format: channels_last=false (model.channels_last=auto; the deepspeed engine keeps weights "
+            "contiguous, not measured)") in result["output"]
+    assert [i["channels_last"] for i in infos] == [False, False]
     assert {i["backend"] for i in infos} == {"gloo"}
     assert {i["engine"] for i in infos} == {"deepspeed"} and {i["zero_stage"] for i in infos} == {stage}
     # The DeepSpeed micro batch is data.batch_size once make_engine passes it (micro_batch_size=cfg.data.batch_size);
