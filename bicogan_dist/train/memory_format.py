@@ -16,7 +16,8 @@ either layout, so a checkpoint resumes under the other choice (``checkpoint.load
 when it compares model sections). A resumed ``auto`` run measures again and may choose otherwise,
 which changes float rounding, not the model: pin ``true`` or ``false`` for bit-exact resumes.
 
-The DeepSpeed engine keeps its weights contiguous (ZeRO flattens them; ``engine_deepspeed.py``), so
+The passes are eager: with ``train.compile=true`` the choice is the eager one (compiled kernels were not
+timed). The DeepSpeed engine keeps its weights contiguous (ZeRO flattens them; ``engine_deepspeed.py``), so
 there ``auto`` resolves to false without measuring; an explicit ``true`` still only makes the inputs
 channels_last, as before.
 """
@@ -54,7 +55,7 @@ class MemoryFormatChoice:
 
     channels_last: bool
     setting: str  # "true", "false" or "auto": model.channels_last as configured
-    reason: str  # "config", "measured", or why auto resolved without measuring
+    reason: str  # "measured", "as configured, not measured", or why auto resolved without measuring
     ms_contiguous: float | None = None  # median ms of one G/E/D forward + backward, contiguous
     ms_channels_last: float | None = None  # the same in channels_last
     timed: int = 0  # timed passes per layout
