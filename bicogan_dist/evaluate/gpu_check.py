@@ -594,9 +594,10 @@ import json, os
 import torch
 from accelerate import PartialState
 state = PartialState(cpu=not torch.cuda.is_available())  # the device choice of bicogan_dist/train/engine.py
-print("PROBE " + json.dumps({"rank": state.process_index, "world_size": state.num_processes,
+# One write(2) per line: print() under PYTHONUNBUFFERED writes the newline apart, and the two ranks' lines merged.
+os.write(1, ("PROBE " + json.dumps({"rank": state.process_index, "world_size": state.num_processes,
     "cuda_available": torch.cuda.is_available(), "device": str(state.device),
-    "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
+    "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n").encode())
 """
 
 
