@@ -76,7 +76,8 @@ def run_probe(out: str | Path, config: str | Path | None = None, overrides: Sequ
         "engine": engine.name, "precision": engine.mixed_precision,
         "param_dtypes": sorted({str(p.dtype) for u in ("ge", "d") for p in engine.unwrap(u).parameters()}),
         # The layout the live conv weights have (model.channels_last, resolved): channels_last and not contiguous.
-        "channels_last": any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        "channels_last": any(p.dim() == 4 and not p.is_contiguous()
+                             and p.is_contiguous(memory_format=torch.channels_last)
                              for u in ("ge", "d") for p in engine.unwrap(u).parameters()),
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "last_checkpoint": str(last),
