@@ -414,6 +414,10 @@ def test_an_epoch_stopped_early_shuts_the_workers_down(shards):
     del x
     assert child_pids() - before == set()
     assert same_batches(run_epoch(src, 2), fresh_epoch(folder, 2))  # new workers, same batches
+    later = src.epoch(0)  # not started yet when the source is closed: it reads its epoch afterwards
+    src.close()
+    assert child_pids() - before == set()
+    assert len(list(later)) == 6
     src.close()
     assert child_pids() - before == set()
 

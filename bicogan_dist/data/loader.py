@@ -24,7 +24,10 @@ from ``torch.Generator(epoch_seed(seed, e))``, identical on all ranks; global ba
 slice ``perm[k*W*B:(k+1)*W*B]`` and rank ``r`` takes its ``r``-th block of ``B``. Batches are
 gathered by index (on the device; numpy's take on CPU): no per-sample Python.
 
-**stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`).
+**stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`). The
+workers persist across epochs (one DataLoader per source; the dataset reads the epoch from shared
+memory at each pass); an epoch abandoned early shuts them down, ``close()`` ends them
+(:class:`StreamingBatches`, docs/streaming.md).
 
 * exact cover (``resampled: false``): the epoch's shard order and a rotation offset are drawn
   from ``epoch_seed(seed, e)`` (the same on all ranks); the shards in that order, rotated, make
@@ -64,6 +67,7 @@ releases the GIL, so memory mode decodes with threads) and PIL otherwise; both g
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import multiprocessing
 import os
@@ -679,11 +683,12 @@ class StreamingBatches(BatchSource):
 
     def close(self) -> None:
         """End every epoch still being read and shut the workers down (joined: no worker, stream or
-        ``pipe:`` process is left). A later ``epoch()`` starts new workers."""
+        ``pipe:`` process is left). An epoch not started yet and a later ``epoch()`` start new workers."""
         for batches in list(self._open):
-            batches.close()  # runs the epoch's finally: its loader's workers are shut down
+            if inspect.getgeneratorstate(batches) == inspect.GEN_SUSPENDED:
+                batches.close()  # runs the epoch's finally: its loader's workers are shut down
         if self._loader is not None:
-            _stop_workers(self._loader._iterator)  # the persistent workers live in the loader's iterator
+            _stop_workers(getattr(self._loader, "_iterator", None))  # the persistent workers live there
             self._loader = None
         self._leased = False
 
