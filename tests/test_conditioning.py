@@ -4,7 +4,9 @@
   every block, z alone enters the first layer;
 - projection D (``model.d_conditioning=projection``): the class embedding enters the score only as
   <embed(c), phi(x)>, and its gradient reaches the embedding;
-- DiffAugment (``loss.diffaugment``): exact translation and cutout, differentiable, reproducible;
+- DiffAugment (``loss.diffaugment``): exact flip, translation and cutout, differentiable, reproducible;
+- E's augmented emotion view (``loss.efl_augment``) and the reconstruction of real faces
+  (``loss.recon_weight``): what ``GeneratorEncoder`` computes and where the gradients go;
 - intra-class diversity: 0 for identical faces, about 1 for two samples of one distribution.
 """
 from __future__ import annotations
@@ -150,6 +152,15 @@ def test_diffaugment_is_differentiable_reproducible_and_off_when_empty():
     assert diffaugment.apply(y, params([], b=2)) is y
 
 
+def test_flip_mirrors_exactly_the_flagged_images_and_about_half_of_them():
+    x = torch.rand(3, 1, 48, 48)
+    out = diffaugment.apply(x, diffaugment.DiffAugmentParams(flip=torch.tensor([True, False, True])))
+    assert torch.equal(out[0], x[0].flip(-1)) and torch.equal(out[1], x[1]) and torch.equal(out[2], x[2].flip(-1))
+    flags = params(["flip"], b=2000).flip
+    assert flags.dtype == torch.bool and 900 < int(flags.sum()) < 1100
+    assert params(["flip"], b=2000).shift is None
+
+
 def test_loss_config_validates_the_new_keys():
     assert LossConfig().diffaugment == [] and LossConfig().real_emotion == "label"
     assert LossConfig(diffaugment=["translation", "cutout"]).diffaugment == ["translation", "cutout"]
@@ -157,6 +168,51 @@ def test_loss_config_validates_the_new_keys():
         LossConfig(diffaugment=["color"])
     with pytest.raises(ConfigError, match="loss.real_emotion: 'soft' is not one of"):
         LossConfig(real_emotion="soft")
+    assert LossConfig().efl_augment == [] and LossConfig().recon_weight == 0.0
+    with pytest.raises(ConfigError, match=r"^loss.efl_augment: \['rotate'\] must be a list drawn from"):
+        LossConfig(efl_augment=["rotate"])
+    with pytest.raises(ConfigError, match=r"^loss.recon_weight must be >= 0, got -1.0"):
+        LossConfig(recon_weight=-1)
+
+
+# ----------------------------------------------------------------------------- E's augmented view, reconstruction
+def generator_encoder():
+    from bicogan_dist.train.engine_base import GeneratorEncoder
+
+    _, m = models()
+    return m, GeneratorEncoder(m.G, m.E)
+
+
+def test_efl_view_gives_the_emotion_logits_while_z_hat_stays_the_plain_images():
+    m, ge = generator_encoder()
+    z, c, x = torch.randn(4, 16), torch.arange(4), torch.rand(4, 1, 48, 48) * 2 - 1
+    x_view = diffaugment.apply(x, params(["flip", "translation", "cutout"]))
+    out = ge(z, c, x, x_efl=x_view)
+    with torch.no_grad():
+        z_plain, c_plain = m.E(x)
+        _, c_view = m.E(x_view)
+    assert torch.allclose(out.z_hat, z_plain, atol=1e-5) and torch.allclose(out.c_logits, c_view, atol=1e-5)
+    assert not torch.allclose(out.c_logits, c_plain, atol=1e-3)
+    assert out.z_rec is None and out.recon is None
+    plain = ge(z, c, x)
+    assert torch.allclose(plain.c_logits, c_plain, atol=1e-5)
+
+
+def test_reconstruction_is_g_of_e_z_and_its_gradient_reaches_e_z_and_g_but_not_the_emotion_head():
+    from bicogan_dist.models.losses import reconstruction_loss
+
+    m, ge = generator_encoder()
+    ge.eval()  # no batch statistics: G(z_hat, y) must equal a separate call
+    z, c, x, y = torch.randn(4, 16), torch.arange(4), torch.rand(4, 1, 48, 48) * 2 - 1, torch.tensor([5, 4, 3, 2])
+    out = ge(z, c, x, y_recon=y)
+    with torch.no_grad():
+        expected = m.G(m.E(x)[0], y)
+    assert out.recon.shape == x.shape and torch.allclose(out.recon, expected, atol=1e-5)
+    loss = reconstruction_loss(out.recon, x)
+    assert float(loss) == pytest.approx(float((expected - x).abs().mean()), rel=1e-5)
+    loss.backward()
+    assert m.E.z_head.weight.grad.abs().sum() > 0 and m.G.fc.weight.grad.abs().sum() > 0
+    assert m.E.c_head.weight.grad is None  # y, not E's emotion, conditions the reconstruction
 
 
 # ----------------------------------------------------------------------------- diversity metric

@@ -322,6 +322,140 @@ def test_stream_workers_fork_with_opencv_single_threaded(shards):
         cv2.setNumThreads(1)
 
 
+# ------------------------------------------------------------------------------ stream workers across epochs
+
+
+def child_pids() -> set[int]:
+    """Processes whose parent is this one: a stream source's DataLoader workers (their pipe: commands
+    are the workers' children). Read from /proc; zombies (exited, not reaped) are listed too."""
+    me, kids = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+            kids.add(int(entry))
+    return kids
+
+
+def gone(pids: set[int]) -> bool:
+    """No process in ``pids`` exists, neither running nor as a zombie (os.kill(pid, 0) succeeds for both)."""
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            pass
+    return True
+
+
+def same_batches(a: tuple[list, list], b: tuple[list, list]) -> bool:
+    return len(a[0]) == len(b[0]) and all(torch.equal(x, u) for x, u in zip(a[0] + a[1], b[0] + b[1]))
+
+
+def fresh_epoch(folder: Path, epoch: int, start: int = 0, **overrides) -> tuple[list, list]:
+    """``epoch`` from a new source (new workers), as every epoch was read before workers persisted."""
+    src = two_ranks(folder, mode="stream", **overrides)[0]
+    try:
+        return run_epoch(src, epoch, start)
+    finally:
+        src.close()
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("resampled", [False, True])
+def test_stream_workers_persist_across_epochs_with_the_same_batches(shards, resampled):
+    folder, _ = shards
+    before = child_pids()
+    src = two_ranks(folder, mode="stream", resampled=resampled)[0]
+    got = run_epoch(src, 0)
+    workers = child_pids() - before
+    assert len(workers) == 2  # num_workers, alive after the epoch
+    assert same_batches(got, fresh_epoch(folder, 0, resampled=resampled))
+    for e in (1, 2):
+        got = run_epoch(src, e)
+        assert child_pids() - before == workers  # the same processes read every epoch
+        assert same_batches(got, fresh_epoch(folder, e, resampled=resampled))
+    straight = run_epoch(src, 1)
+    tail = run_epoch(src, 1, start=4)  # resume mid-epoch: the tail of the straight epoch
+    assert len(tail[0]) == 2 and same_batches(tail, (straight[0][4:], straight[1][4:]))
+    assert same_batches(tail, fresh_epoch(folder, 1, start=4, resampled=resampled))
+    assert child_pids() - before == workers
+    src.close()
+    assert gone(workers) and child_pids() - before == set()
+    again = run_epoch(src, 2)  # a closed source starts new workers
+    renewed = child_pids() - before
+    assert len(renewed) == 2 and not renewed & workers
+    assert same_batches(again, fresh_epoch(folder, 2, resampled=resampled))
+    src.close()
+    assert gone(renewed)
+
+
+@needs_proc
+def test_an_epoch_stopped_early_shuts_the_workers_down(shards):
+    folder, _ = shards
+    before = child_pids()
+    src = two_ranks(folder, mode="stream")[0]
+    run_epoch(src, 0)
+    workers = child_pids() - before
+    it = src.epoch(1)
+    first = next(it)
+    it.close()  # the consumer stops early
+    assert gone(workers) and child_pids() - before == set()
+    assert torch.equal(first[0], fresh_epoch(folder, 1)[0][0])
+    for x, _ in src.epoch(2):  # a for loop left by break: the dropped generator is closed
+        break
+    del x
+    assert child_pids() - before == set()
+    assert same_batches(run_epoch(src, 2), fresh_epoch(folder, 2))  # new workers, same batches
+    later = src.epoch(0)  # not started yet when the source is closed: it reads its epoch afterwards
+    src.close()
+    assert child_pids() - before == set()
+    assert len(list(later)) == 6
+    src.close()
+    assert child_pids() - before == set()
+
+
+def test_two_epochs_read_at_once_from_one_source(shards):
+    """The second epoch started while the first is read gets its own loader; both are exact."""
+    folder, _ = shards
+    src = two_ranks(folder, mode="stream")[0]
+    a, b = [], []
+    for (x0, _), (x1, _) in zip(src.epoch(0), src.epoch(1)):
+        a.append(ids(x0))
+        b.append(ids(x1))
+    src.close()
+    assert a == [ids(x) for x in fresh_epoch(folder, 0)[0]] and len(a) == 6
+    assert b == [ids(x) for x in fresh_epoch(folder, 1)[0]]
+
+
+@needs_proc
+def test_a_worker_error_ends_the_workers_and_a_later_epoch_recovers(shards, tmp_path):
+    folder, _ = shards
+    copy = tmp_path / "set"
+    shutil.copytree(folder, copy)
+    before = child_pids()
+    src = two_ranks(copy, mode="stream")[0]
+    good = run_epoch(src, 0)
+    workers = child_pids() - before
+    path = copy / "Training-000000.tar"
+    original = path.read_bytes()
+    path.write_bytes((copy / "Training-000002.tar").read_bytes())  # 16 samples where 40 were
+    with pytest.raises(ShardError, match="Training-000000.tar holds 16 samples but the manifest says 40"):
+        run_epoch(src, 0)
+    assert gone(workers) and child_pids() - before == set()
+    path.write_bytes(original)
+    assert same_batches(run_epoch(src, 0), good)
+    src.close()
+    assert child_pids() - before == set()
+
+
 # ------------------------------------------------------------------------------------ manifest checks
 
 

@@ -252,12 +252,25 @@ def test_unreachable_server_fails_within_the_retries(served):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pipe_processes_are_reaped(served, tmp_path, workers):
-    """Every pipe: process is gone (not running, not a zombie) after a full epoch and after an early stop."""
+    """Every pipe: process is gone (not running, not a zombie) after a full epoch (the workers stay for
+    the next one), after an early stop and after close()."""
     folder, _ = served
     pids = tmp_path / "pids"
     cmd = f"pipe:echo $$ >> {pids}; exec cat {folder}/{{}}"
     src = loaders(cmd, mode="stream", num_workers=workers)[0]
+
+    def alive() -> list[int]:
+        found = []
+        for pid in [int(p) for p in pids.read_text().split()]:
+            try:
+                os.kill(pid, 0)  # succeeds for a running process and for an unreaped zombie
+                found.append(pid)
+            except ProcessLookupError:
+                pass
+        return found
+
     assert len(batches(src, 0)) == 6
+    assert alive() == []  # no sleep: the epoch's end waits for the workers to close their streams
     it = src.epoch(1)
     next(it)
     it.close()  # the consumer stops early: workers shut down, open pipes killed and reaped
@@ -265,14 +278,62 @@ def test_pipe_processes_are_reaped(served, tmp_path, workers):
     time.sleep(0.5)
     started = [int(p) for p in pids.read_text().split()]
     assert len(started) >= 4  # manifest + shards of two epochs
+    assert alive() == []
+    it = src.epoch(2)
+    next(it)
+    src.close()  # ends the epoch being read and the workers
+    assert alive() == []
+    with pytest.raises(StopIteration):
+        next(it)
+    assert len(batches(src, 3)) == 6  # a closed source starts new workers
+    src.close()
+    assert alive() == []
+
+
+def test_a_finished_epoch_waits_for_the_workers_to_close_their_pipes(tmp_path):
+    """The last batch comes only after the persistent workers finished their parts: a pipe that is
+    still sending the rest of a shard (after what the epoch needs) is read to its end and reaped,
+    not left to the next epoch. Each shard's command pauses 2 s before its end-of-archive blocks."""
+    import tarfile
+
+    folder = tmp_path / "set"
+    make_shards(folder, {"Training": 2200}, shard_size=1100)
+    ends = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            last = t.getmembers()[-1]
+        ends[tar.name] = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive starts
+    cases = " ".join(f"{name}) n={n};;" for name, n in ends.items())
+    pids = tmp_path / "pids"
+    cmd = (f"pipe:echo $$ >> {pids}; case {{}} in {cases} *) n=0;; esac; f={folder}/{{}}; "
+           f"if [ $n -gt 0 ]; then head -c $n $f; sleep 2; tail -c +$((n + 1)) $f; else cat $f; fi")
+    src = build_loader(DataConfig(shards=cmd, mode="stream", batch_size=1000, num_workers=1, shuffle_buffer=16,
+                                  timeout=30), rank=0, world_size=1, device=CPU, seed=5)
+    need = src.batches_per_epoch * src.batch_size + 16 + 50  # + shuffle buffer + a margin
+    counts = src.split.counts
+
+    def late_end(epoch: int) -> bool:
+        """Does the worker reach a shard's end (the 2 s pause) only after the samples the epoch needs?"""
+        pos = 0
+        for shard, lo, hi in src.plan(epoch).segments[0]:
+            pos += hi - lo
+            if hi == counts[shard] and pos >= need:
+                return True
+        return False
+
+    epoch = next(e for e in range(200) if late_end(e))
+    assert len(batches(src, epoch)) == 2
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) >= 3  # manifest + the shards
     alive = []
     for pid in started:
         try:
-            os.kill(pid, 0)  # succeeds for a running process and for an unreaped zombie
+            os.kill(pid, 0)
             alive.append(pid)
         except ProcessLookupError:
             pass
     assert alive == []
+    src.close()
 
 
 # ------------------------------------------------------------------------------------ real processes

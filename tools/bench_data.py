@@ -9,7 +9,8 @@ Prints one table: per loader and augmentation (none / torch / imgaug backends), 
 max samples/s over ``--repeats`` epochs of one rank (world size 1, batch 128, CPU; an epoch is cut
 short after ``--max-seconds``), and the CPU time per 1,000 samples of all processes involved (main +
 DataLoader workers), which stays meaningful when other jobs load the machine and wall-clock rates
-drop. Stream epochs include their start (worker start, shuffle buffer fill); the in-memory loader's
+drop. Stream epochs include their start (shuffle buffer fill; the first epoch also starts the
+workers, which then persist across epochs); the in-memory loader's
 one-off load time is printed under the table. The ``http`` rows stream the same shards from a
 loopback web server (``python -m http.server`` in its own process, started and stopped here);
 its CPU time is not in the CPU column. ``--device cuda`` delivers the batches to the GPU (pinned
@@ -77,7 +78,8 @@ def http_server(folder: Path) -> Iterator[str]:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process plus its finished children (DataLoader workers are joined per epoch)."""
+    """CPU time of this process plus its finished children (stream workers count once joined: at an
+    epoch cut short, or at ``source.close()``)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -92,9 +94,10 @@ def time_epochs(source, repeats: int, batches: int | None = None,
     """
     import torch
 
-    rates, cpu, samples = [], 0.0, 0
+    rates, samples = [], 0
+    c0 = cpu_seconds()
     for epoch in range(repeats):
-        c0, t0, n = cpu_seconds(), time.perf_counter(), 0
+        t0, n = time.perf_counter(), 0
         it = source.epoch(epoch)
         for k, (x, _y) in enumerate(it):
             n += x.shape[0]
@@ -105,9 +108,9 @@ def time_epochs(source, repeats: int, batches: int | None = None,
         if x.is_cuda:
             torch.cuda.synchronize(x.device)  # the copies are asynchronous
         rates.append(n / (time.perf_counter() - t0))
-        cpu += cpu_seconds() - c0
         samples += n
-    return rates, 1e6 * cpu / max(1, samples)
+    source.close()  # joins the stream workers (they persist across epochs), so their CPU time is counted
+    return rates, 1e6 * (cpu_seconds() - c0) / max(1, samples)
 
 
 def main(argv: list[str] | None = None) -> int:

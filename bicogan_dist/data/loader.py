@@ -24,7 +24,10 @@ from ``torch.Generator(epoch_seed(seed, e))``, identical on all ranks; global ba
 slice ``perm[k*W*B:(k+1)*W*B]`` and rank ``r`` takes its ``r``-th block of ``B``. Batches are
 gathered by index (on the device; numpy's take on CPU): no per-sample Python.
 
-**stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`).
+**stream**: a webdataset ``DataPipeline`` per DataLoader worker (:class:`_StreamEpoch`). The
+workers persist across epochs (one DataLoader per source; the dataset reads the epoch from shared
+memory at each pass); an epoch abandoned early shuts them down, ``close()`` ends them
+(:class:`StreamingBatches`, docs/streaming.md).
 
 * exact cover (``resampled: false``): the epoch's shard order and a rotation offset are drawn
   from ``epoch_seed(seed, e)`` (the same on all ranks); the shards in that order, rotated, make
@@ -63,11 +66,15 @@ releases the GIL, so memory mode decodes with threads) and PIL otherwise; both g
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import multiprocessing
 import os
 import random
 import sys
 import time
+import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -295,6 +302,13 @@ class BatchSource(ABC):
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches ``start_batch .. batches_per_epoch - 1`` of ``epoch``: (uint8 (B,1,48,48), int64 (B,))."""
 
+    def close(self) -> None:
+        """Release processes the source keeps between epochs (stream workers); nothing for the memory mode.
+
+        The trainer calls it when training ends, so no worker or ``pipe:`` process outlives the run
+        however it ends. A later ``epoch()`` still works (it starts what it needs again).
+        """
+
     def _check_start(self, start_batch: int) -> None:
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} is outside 0..{self.batches_per_epoch}")
@@ -478,19 +492,25 @@ def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
 
 
 class _StreamEpoch(torch.utils.data.IterableDataset):
-    """One epoch of one rank as a webdataset ``DataPipeline``; each DataLoader worker runs its own copy.
+    """The stream of one rank as a webdataset ``DataPipeline``; each DataLoader worker runs its own copy.
 
     Stages: the epoch's shard list (exact cover) or webdataset's ``ResampledShards`` (resampled),
     ``split_by_worker``, the reader (``shard_io.read_shard``: open, tar, group, checks) with this
     rank's samples selected by position (exact cover), ``shuffle``, ``map`` (PNG decode),
     ``batched`` (chunks), the in-worker augmenter, and ``with_epoch`` (resampled).
+
+    Which epoch ``iter()`` streams is read at that moment from ``self.epoch``, an integer in shared
+    memory: persistent DataLoader workers inherit it when they start, the main process sets it
+    before each pass of the loader, and every pass makes every worker call ``iter(dataset)`` anew
+    (torch's ``_ResumeIteration``), so one set of workers streams epoch after epoch.
     """
 
-    def __init__(self, split: _Split, plan: _EpochPlan, *, chunk: int, shuffle_buffer: int, seed: int,
-                 augmenter: Any = None) -> None:
+    def __init__(self, split: _Split, planner: Callable[..., _EpochPlan], *, chunk: int, shuffle_buffer: int,
+                 seed: int, augmenter: Any = None) -> None:
         super().__init__()
-        self.split, self.plan, self.chunk, self.shuffle_buffer = split, plan, chunk, shuffle_buffer
+        self.split, self.planner, self.chunk, self.shuffle_buffer = split, planner, chunk, shuffle_buffer
         self.seed, self.augmenter = seed, augmenter
+        self.epoch = multiprocessing.RawValue("q", 0)  # set by the main process only while no pass runs
 
     def _read_segments(self, segments: Iterator[dict]) -> Iterator[tuple[bytes, int, int, str]]:
         """Pipeline stage: shard segments → (png, label, shard, key) of their samples.
@@ -511,14 +531,14 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
             finally:
                 samples.close()
 
-    def _augment(self, chunks: Iterator[tuple[Tensor, Tensor]], worker: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def _augment(self, chunks: Iterator[tuple[Tensor, Tensor]], plan: _EpochPlan,
+                 worker: int) -> Iterator[tuple[Tensor, Tensor]]:
         for index, (x, y) in enumerate(chunks):
-            yield self.augmenter(x, chunk_seed(self.seed, self.plan.epoch, self.plan.rank, worker, index)), y
+            yield self.augmenter(x, chunk_seed(self.seed, plan.epoch, plan.rank, worker, index)), y
 
-    def pipeline(self, worker: int) -> Any:
+    def pipeline(self, plan: _EpochPlan, worker: int) -> Any:
         import webdataset as wds
 
-        plan = self.plan
         if plan.resampled:
             files = list(range(len(self.split.files)))
             shards: Any = wds.ResampledShards(
@@ -543,17 +563,21 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
             wds.batched(self.chunk, collation_fn=_collate, partial=True),
         ]
         if self.augmenter is not None:
-            stages.append(lambda chunks: self._augment(chunks, worker))
+            stages.append(lambda chunks: self._augment(chunks, plan, worker))
         pipeline = wds.DataPipeline(*stages)
         if plan.resampled:
             pipeline = pipeline.with_epoch(plan.chunks_per_worker)
         return pipeline
 
     def __iter__(self) -> Iterator[Any]:
+        epoch = int(self.epoch.value)  # now, not lazily: the main process may set the next epoch later
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        pipeline = self.pipeline(worker)
-        return _guarded(pipeline, worker) if info is not None else iter(pipeline)
+        if info is None:
+            return iter(self.pipeline(self.planner(epoch=epoch), 0))
+        worker = info.id
+        # In a worker nothing may raise here: a persistent worker calls iter() outside torch's error
+        # handling and would die, so even building the pipeline happens inside the guard.
+        return _guarded(lambda: self.pipeline(self.planner(epoch=epoch), worker), worker)
 
 
 @dataclass
@@ -565,9 +589,11 @@ class _WorkerFailure:
     message: str
 
 
-def _guarded(pipeline: Any, worker: int) -> Iterator[Any]:
-    it = iter(pipeline)
+def _guarded(make: Callable[[], Any], worker: int) -> Iterator[Any]:
+    """Items of the pipeline ``make()`` builds; an exception (also while building) ends it as a _WorkerFailure."""
+    it = None
     try:
+        it = iter(make())
         yield from it
     except Exception as exc:  # noqa: BLE001 - re-raised in the main process
         import traceback
@@ -600,7 +626,17 @@ def _opencv_fork_safe() -> None:
 
 
 class StreamingBatches(BatchSource):
-    """Batches streamed from the shards through a webdataset pipeline + DataLoader workers (see module doc)."""
+    """Batches streamed from the shards through a webdataset pipeline + DataLoader workers (see module doc).
+
+    The workers persist across epochs: one DataLoader (``persistent_workers=True``) per source,
+    whose dataset reads the epoch from shared memory (:class:`_StreamEpoch`). Forking
+    ``num_workers`` processes costs a noticeable part of an epoch that a GPU consumes in 1-2 s.
+    An epoch read to its last batch drains the loader first (the workers finish their parts and
+    close their streams, ``pipe:`` commands included) and leaves the workers waiting for the next
+    epoch; an epoch abandoned early (the consumer stops, an error) shuts them down, and the next
+    epoch starts new ones. ``close()`` shuts them down for good. An epoch started while another is
+    still being read gets its own, non-persistent loader, as every epoch did before.
+    """
 
     def __init__(self, cfg: DataConfig, *, rank: int, world_size: int, device: torch.device | str, seed: int,
                  augmenter: "Augmenter | Callable[[Tensor, int], Tensor] | None" = None) -> None:
@@ -616,15 +652,45 @@ class StreamingBatches(BatchSource):
         self.worker_augmenter = augmenter if in_workers else None
         self.augmenter = None if in_workers else augmenter
         self.chunk = max(cfg.batch_size, _CHUNK)
+        self._loader: torch.utils.data.DataLoader | None = None  # the persistent one (num_workers > 0)
+        self._leased = False  # an epoch is reading from self._loader
+        self._open: weakref.WeakSet = weakref.WeakSet()  # epoch generators not yet finished, for close()
 
     def plan(self, epoch: int) -> _EpochPlan:
-        return _stream_plan(self.split.counts, resampled=self.cfg.resampled, seed=self.seed, epoch=epoch,
-                            rank=self.rank, world_size=self.world_size, workers=self.cfg.num_workers,
-                            need=self.batches_per_epoch * self.batch_size, chunk=self.chunk)
+        return self._planner()(epoch=epoch)
+
+    def _planner(self) -> Callable[..., _EpochPlan]:
+        """``plan(epoch=e)`` as a picklable function of the epoch alone (the workers call it)."""
+        return functools.partial(_stream_plan, self.split.counts, resampled=self.cfg.resampled, seed=self.seed,
+                                 rank=self.rank, world_size=self.world_size, workers=self.cfg.num_workers,
+                                 need=self.batches_per_epoch * self.batch_size, chunk=self.chunk)
+
+    def _make_loader(self, persistent: bool) -> torch.utils.data.DataLoader:
+        dataset = _StreamEpoch(self.split, self._planner(), chunk=self.chunk, shuffle_buffer=self.cfg.shuffle_buffer,
+                               seed=self.seed, augmenter=self.worker_augmenter)
+        workers = self.cfg.num_workers
+        pin = self.device.type == "cuda"  # batches stay in pinned memory up to the non-blocking copy
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+            persistent_workers=persistent and workers > 0, worker_init_fn=_worker_init if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         self._check_start(start_batch)
-        return self._epoch(epoch, start_batch)
+        batches = self._epoch(epoch, start_batch)
+        self._open.add(batches)
+        return batches
+
+    def close(self) -> None:
+        """End every epoch still being read and shut the workers down (joined: no worker, stream or
+        ``pipe:`` process is left). An epoch not started yet and a later ``epoch()`` start new workers."""
+        for batches in list(self._open):
+            if inspect.getgeneratorstate(batches) == inspect.GEN_SUSPENDED:
+                batches.close()  # runs the epoch's finally: its loader's workers are shut down
+        if self._loader is not None:
+            _stop_workers(getattr(self._loader, "_iterator", None))  # the persistent workers live there
+            self._loader = None
+        self._leased = False
 
     def _epoch(self, epoch: int, start_batch: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Rebatch worker chunks to exactly ``batch_size``; stop after ``batches_per_epoch``.
@@ -635,18 +701,21 @@ class StreamingBatches(BatchSource):
         """
         if start_batch == self.batches_per_epoch:
             return
-        dataset = _StreamEpoch(self.split, self.plan(epoch), chunk=self.chunk, shuffle_buffer=self.cfg.shuffle_buffer,
-                               seed=self.seed, augmenter=self.worker_augmenter)
         workers = self.cfg.num_workers
+        shared = workers > 0 and not self._leased
+        if shared:
+            self._leased = True
+            if self._loader is None:
+                self._loader = self._make_loader(persistent=True)
+            loader = self._loader
+        else:
+            loader = self._make_loader(persistent=False)
+        loader.dataset.epoch.value = epoch  # read by each worker's iter(dataset) in this pass
         if workers > 0:
             _opencv_fork_safe()
-        pin = self.device.type == "cuda"  # batches stay in pinned memory up to the non-blocking copy
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=workers, pin_memory=pin,
-            persistent_workers=False, worker_init_fn=_worker_init if workers > 0 else None,
-            prefetch_factor=4 if workers > 0 else None)
         B = self.batch_size
         chunks = iter(loader)
+        done = False  # every batch of the epoch is made (the last may not be taken yet)
         failure: _WorkerFailure | None = None
         try:
             pending: list[tuple[Tensor, Tensor]] = []
@@ -662,30 +731,50 @@ class StreamingBatches(BatchSource):
                     continue
                 if len(pending) > 1:  # a chunk boundary: cat makes pageable memory, pinned again for the copy
                     xs, ys = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-                    if pin:
+                    if loader.pin_memory:
                         xs, ys = xs.pin_memory(), ys.pin_memory()
                 else:
                     xs, ys = pending[0]
                 a = 0
                 while have - a >= B:
-                    if k >= start_batch:
-                        yield self._finish(xs[a:a + B], ys[a:a + B], epoch, k)
+                    last = k + 1 == self.batches_per_epoch
+                    batch = self._finish(xs[a:a + B], ys[a:a + B], epoch, k) if k >= start_batch else None
+                    if last:
+                        if shared:
+                            self._end_pass(chunks)
+                        done = True
+                    if batch is not None:
+                        yield batch
+                    if last:
+                        return
                     k += 1
                     a += B
-                    if k == self.batches_per_epoch:
-                        return
                 pending = [(xs[a:], ys[a:])] if a < have else []
                 have -= a
             if failure is None:
                 raise ShardError(f"split {self.cfg.split}: the stream ended after {k} of {self.batches_per_epoch} "
                                  f"batches on rank {self.rank}; the shards changed after the loader started")
         finally:
-            del chunks  # shuts the workers down, also when the consumer stops early
+            if not (shared and done):  # a one-shot loader, or an abandoned epoch: no worker may go on reading
+                _stop_workers(chunks)
+            if shared and not done and self._loader is loader:  # the next epoch starts new workers
+                self._loader = None
+                self._leased = False
+            del chunks
         try:
             error = failure.kind(failure.message)
         except Exception:  # noqa: BLE001 - an exception type that takes other arguments
             error = RuntimeError(f"{failure.kind.__name__}: {failure.message}")
         raise error
+
+    def _end_pass(self, chunks: Iterator[Any]) -> None:
+        """After the epoch's last batch: let the workers finish their parts (at most about a chunk each,
+        mostly prefetched already), so their streams close now and they wait idle for the next epoch;
+        then the loader is free for it. Items past the last batch are dropped, errors in them too
+        (as when the workers were shut down there)."""
+        for _ in chunks:
+            pass
+        self._leased = False
 
     def _finish(self, x: Tensor, y: Tensor, epoch: int, k: int) -> tuple[Tensor, Tensor]:
         x = x.to(self.device, non_blocking=True)
@@ -693,6 +782,18 @@ class StreamingBatches(BatchSource):
         if self.augmenter is not None:
             x = self.augmenter(x, batch_seed(self.seed, epoch, k, self.rank))
         return x, y
+
+
+def _stop_workers(chunks: Any) -> None:
+    """Shut a DataLoader iterator's workers down now and join them.
+
+    DataLoader does this when the iterator is garbage collected; done explicitly, no worker (nor
+    its open stream or ``pipe:`` process) outlives an abandoned epoch or ``close()``, whatever
+    still refers to the iterator (a traceback, say). An in-process iterator has nothing to stop.
+    """
+    shutdown = getattr(chunks, "_shutdown_workers", None)  # torch's own teardown: queues, join, terminate
+    if shutdown is not None:
+        shutdown()
 
 
 def build_loader(cfg: DataConfig, *, rank: int, world_size: int, device: torch.device | str, seed: int,

@@ -552,7 +552,7 @@ def measure_loaders(shards: str, device: str, batch: int, seconds: float, worker
                 epoch += 1
             sync()
             rates[f"{mode}_{aug_name}"] = n / (time.perf_counter() - t0)
-            del source
+            source.close()  # stream workers persist across epochs until then
     return rates
 
 

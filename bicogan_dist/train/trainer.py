@@ -439,6 +439,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
     finally:
         stop.restore()
         monitor.close()
+        data.close()  # stream workers (persistent across epochs) and their pipes end here, however training ends
     return TrainResult(run_dir, step, engine, G_ema)
 
 
