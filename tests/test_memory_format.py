@@ -2,6 +2,8 @@
 log line, and that checkpoints and exports do not depend on the layout a run trained in."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -136,8 +138,16 @@ def test_auto_run_logs_its_choice_and_checkpoints_resume_and_export_under_either
     assert (f"memory format: channels_last={other} (model.channels_last={other}; as configured, not measured)"
             in proc.stdout)
 
+    assert json.loads((run_dir / "checkpoints" / "checkpoint-00000004" / "state.json").read_text())[
+        "channels_last"] == (other == "true")
+    # auto on resume keeps the layout the checkpoint recorded: a new measurement could change the rounding.
+    proc = run(train_cmd(run_dir, shards, "train.max_steps=6", "model.channels_last=auto") + ["--resume", "latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"memory format: channels_last={other} (model.channels_last=auto; the resumed checkpoint's layout, "
+            f"not measured)" in proc.stdout)
+
     # Only the layout is exempt: another model key still refuses the resume.
-    proc = run(train_cmd(run_dir, shards, "train.max_steps=6", "model.channels_last=true", "model.mbstd_group=0")
+    proc = run(train_cmd(run_dir, shards, "train.max_steps=8", "model.channels_last=true", "model.mbstd_group=0")
                + ["--resume", "latest"])
     assert proc.returncode != 0
     assert "model: the config's model section differs from the checkpoint's" in proc.stdout + proc.stderr
@@ -146,7 +156,7 @@ def test_auto_run_logs_its_choice_and_checkpoints_resume_and_export_under_either
     assert convert_main([str(run_dir), "--out", str(out)]) == 0
     model = load_export(out)
     assert not is_channels_last(model.G) and not is_channels_last(model.E)
-    last = run_dir / "checkpoints" / "checkpoint-00000004"
+    last = run_dir / "checkpoints" / "checkpoint-00000006"
     ema, ge = load_file(str(last / "ema.safetensors")), load_file(str(last / "ge.safetensors"))
     for key, value in model.G.state_dict().items():
         assert torch.equal(value, ema[key]), key

@@ -13,8 +13,9 @@ the networks built with torch's RNG forked, so the run's weights, RNG streams an
 vectors are those of a run that measured nothing. The layout is not part of what a run saves:
 checkpoints and exports hold contiguous tensors (``checkpoint.py``, ``export.py``) and load into
 either layout, so a checkpoint resumes under the other choice (``checkpoint.load`` ignores this key
-when it compares model sections). A resumed ``auto`` run measures again and may choose otherwise,
-which changes float rounding, not the model: pin ``true`` or ``false`` for bit-exact resumes.
+when it compares model sections). A checkpoint records the layout its run used, and a resumed
+``auto`` run takes that one without measuring: a second measurement could choose otherwise, which
+changes float rounding, and a resumed run must equal a straight one.
 
 The passes are eager: with ``train.compile=true`` the choice is the eager one (compiled kernels were not
 timed). The DeepSpeed engine keeps its weights contiguous (ZeRO flattens them; ``engine_deepspeed.py``), so
@@ -162,13 +163,15 @@ def time_memory_formats(model_cfg: ModelConfig, num_classes: int, batch_size: in
 
 
 def resolve_channels_last(engine: Engine, model_cfg: ModelConfig, num_classes: int, batch_size: int,
-                          budget_s: float = DEFAULT_BUDGET_S) -> MemoryFormatChoice:
+                          budget_s: float = DEFAULT_BUDGET_S, resumed: bool | None = None) -> MemoryFormatChoice:
     """The layout this run trains in, the same on every rank; call it before the models are wrapped.
 
     ``true`` / ``false`` are taken as written (nothing measured). ``auto``: resolves to false where
     the engine keeps weights contiguous anyway (DeepSpeed; nothing measured), else rank 0 times both
     layouts (:func:`time_memory_formats`, with the engine's autocast and its device defaults such as
-    ``cudnn.benchmark`` already set) and broadcasts the faster; a tie keeps contiguous.
+    ``cudnn.benchmark`` already set) and broadcasts the faster; a tie keeps contiguous. ``resumed``
+    (read on rank 0 only): the layout the checkpoint being resumed was trained in, which ``auto``
+    keeps without measuring.
     """
     from bicogan_dist.train.engine_base import broadcast_text, device_defaults
 
@@ -178,7 +181,9 @@ def resolve_channels_last(engine: Engine, model_cfg: ModelConfig, num_classes: i
     if not engine.applies_channels_last:
         return MemoryFormatChoice(False, setting, f"the {engine.name} engine keeps weights contiguous, not measured")
     text = None
-    if engine.rank == 0:
+    if engine.rank == 0 and resumed is not None:
+        text = MemoryFormatChoice(bool(resumed), setting, "the resumed checkpoint's layout, not measured").to_text()
+    elif engine.rank == 0:
         try:
             device_defaults(engine.device, engine.mixed_precision)
             t_c, t_cl, n = time_memory_formats(model_cfg, num_classes, batch_size, engine.device, engine.autocast,

@@ -208,7 +208,10 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
     per_epoch = data.batches_per_epoch
 
     # model.channels_last (auto: rank 0 times both layouts on throwaway copies and every rank takes its choice).
-    memory_format = resolve_channels_last(engine, cfg.model, n_cls, cfg.data.batch_size)
+    # A resumed run keeps the layout its checkpoint recorded (rank 0 reads it; it decides for all).
+    resumed_layout = ckpt.read_state(start.path).get("channels_last") if start is not None and engine.is_main \
+        else None
+    memory_format = resolve_channels_last(engine, cfg.model, n_cls, cfg.data.batch_size, resumed=resumed_layout)
     channels_last = memory_format.channels_last
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     models = build_models(dataclasses.replace(cfg.model, channels_last=channels_last), n_cls)
@@ -431,6 +434,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             if at_checkpoint:
                 saved = ckpt.save(run_dir, step, engine, G_ema, {
                     "epoch": step / per_epoch, "batches_per_epoch": per_epoch, "model": cfg.to_dict()["model"],
+                    "channels_last": channels_last,
                     "label_names": label_names}, keep=cfg.log.keep_checkpoints)
                 monitor.write(f"step {step}: checkpoint {saved}")
             if stopping:
