@@ -168,7 +168,8 @@ def test_loss_config_validates_the_new_keys():
         LossConfig(diffaugment=["color"])
     with pytest.raises(ConfigError, match="loss.real_emotion: 'soft' is not one of"):
         LossConfig(real_emotion="soft")
-    assert LossConfig().efl_augment == [] and LossConfig().recon_weight == 0.0
+    assert LossConfig().efl_augment == ["translation", "cutout"] and LossConfig().recon_weight == 1.0
+    assert LossConfig(efl_augment=[], recon_weight=0).efl_augment == []
     with pytest.raises(ConfigError, match=r"^loss.efl_augment: \['rotate'\] must be a list drawn from"):
         LossConfig(efl_augment=["rotate"])
     with pytest.raises(ConfigError, match=r"^loss.recon_weight must be >= 0, got -1.0"):

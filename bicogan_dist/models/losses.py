@@ -73,11 +73,12 @@ class LossConfig:
     # The same ops on a second view of the real images that only E's emotion head learns from (the EFL). E
     # alone sees the view, never D, so G cannot learn the augmentation as data; without it E memorised the
     # FER2013 Training set (batch accuracy 99% vs 49% held out after 34 epochs). [] = EFL on the plain images.
-    efl_augment: list[str] = field(default_factory=list)
+    efl_augment: list[str] = field(default_factory=lambda: ["translation", "cutout"])
     # Reconstruction of the real images (ALICE's cycle in x): recon_weight * mean|G(E_z(x), y) - x| in [-1, 1],
     # y the true emotion. Teaches E and G together to invert each other on real faces, which emotion editing
-    # needs; the latent cycle only teaches E on G's own fakes. 0 = off.
-    recon_weight: float = 0.0
+    # needs; the latent cycle only teaches E on G's own fakes (FER2013: reconstruction error 25.1 grey levels
+    # against 34.7 without it, FID unchanged; README, section 7). 0 = off.
+    recon_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
