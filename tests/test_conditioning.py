@@ -205,7 +205,7 @@ def test_reconstruction_is_g_of_e_z_and_its_gradient_reaches_e_z_and_g_but_not_t
     m, ge = generator_encoder()
     ge.eval()  # no batch statistics: G(z_hat, y) must equal a separate call
     z, c, x, y = torch.randn(4, 16), torch.arange(4), torch.rand(4, 1, 48, 48) * 2 - 1, torch.tensor([5, 4, 3, 2])
-    out = ge(z, c, x, y_recon=y)
+    out = ge(z, c, x, reconstruct=True, c_recon=y)
     with torch.no_grad():
         expected = m.G(m.E(x)[0], y)
     assert out.recon.shape == x.shape and torch.allclose(out.recon, expected, atol=1e-5)

@@ -159,6 +159,18 @@ def test_new_run_refuses_to_mix_into_an_old_one(shards, tmp_path):
     assert "already holds checkpoints" in proc.stderr and "--resume latest" in proc.stderr
 
 
+@pytest.mark.parametrize("kind", ["gan", "cgan", "bigan"])
+def test_every_model_kind_trains_with_the_default_losses(shards, tmp_path, kind):
+    """The default reconstruction loss (bidirectional kinds) and E's view (conditional + bidirectional) apply
+    only where they exist: an unconditional BiGAN reconstructs with G(E_z(x)), the others skip it."""
+    run_dir = tmp_path / "run"
+    proc = run(train_cmd(run_dir, shards, "train.max_steps=2", "log.log_every=1", f"model.kind={kind}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars, _ = scalars_and_images(run_dir)
+    assert ("loss/reconstruction" in scalars) == (kind == "bigan")
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in scalars.values())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cpu_stays_finite(shards, tmp_path, precision):
     run_dir = tmp_path / "run"

@@ -155,12 +155,13 @@ class GeneratorEncoder(nn.Module):
         self.E = E
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None, x: torch.Tensor | None, encode_fake: bool = False,
-                x_efl: torch.Tensor | None = None, y_recon: torch.Tensor | None = None) -> GEOutputs:
+                x_efl: torch.Tensor | None = None, reconstruct: bool = False,
+                c_recon: torch.Tensor | None = None) -> GEOutputs:
         """G(z, c) and, given real ``x`` and an encoder, E(x).
 
         ``encode_fake``: also z_rec = E_z(G(z, c)) (the latent cycle). ``x_efl``: an augmented view of
-        ``x``; the emotion logits are then E_c(x_efl), while z_hat stays E_z(x). ``y_recon``: also
-        recon = G(E_z(x), y_recon) (the reconstruction loss).
+        ``x``; the emotion logits are then E_c(x_efl), while z_hat stays E_z(x). ``reconstruct``: also
+        recon = G(E_z(x), c_recon) (the reconstruction loss; ``c_recon`` None for an unconditional G).
         """
         fake = self.G(z, c)
         if self.E is None or x is None:
@@ -172,7 +173,7 @@ class GeneratorEncoder(nn.Module):
             z_hat, c_logits = z_both[:x.shape[0]], (None if c_both is None else c_both[x.shape[0]:])
         # Separate calls: BatchNorm (G's; the paper E's) must not mix fakes with encodings of reals.
         z_rec = self.E(fake)[0] if encode_fake else None
-        recon = self.G(z_hat, y_recon) if y_recon is not None else None
+        recon = self.G(z_hat, c_recon) if reconstruct else None
         return GEOutputs(fake, z_hat, c_logits, z_rec, recon)
 
 

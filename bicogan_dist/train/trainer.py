@@ -288,7 +288,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             with engine.autocast():
                 fake, z_hat, c_logits, z_rec, recon = engine.ge(
                     z, c, x if bidirectional else None, encode_fake=latent_on, x_efl=x_efl,
-                    y_recon=(y if conditional else None) if recon_on else None)
+                    reconstruct=recon_on, c_recon=y if conditional else None)
             c_fake = F.one_hot(c, n_cls).float() if conditional else None
             if not conditional:
                 c_real = None
