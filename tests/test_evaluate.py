@@ -113,6 +113,14 @@ def test_evaluation_is_deterministic_and_unconditional_kinds_get_nulls(built):
     b = evaluate_export(exported, built["shards"], clf, num_samples=NUM, seed=3, kid_subsets=5, real=real)
     a.pop("seconds"), b.pop("seconds")
     assert a == b
+    # The ceilings on real faces: plain accuracy, and the mean recall over emotions that a balanced generated set
+    # is read against, counted here by hand from the classifier's predictions.
+    pred, true = clf.predict(real.test_x).cpu().numpy(), real.test_y.cpu().numpy()
+    recall = {name: float((pred[true == k] == k).mean()) for k, name in enumerate(real.class_names)}
+    on_real = a["classifier"]
+    assert on_real["accuracy_on_real"]["PrivateTest"] == pytest.approx(float((pred == true).mean()))
+    assert on_real["per_class_accuracy_on_real"]["PrivateTest"] == pytest.approx(recall)
+    assert on_real["balanced_accuracy_on_real"]["PrivateTest"] == pytest.approx(np.mean(list(recall.values())))
     gan = evaluate_export(built["gan"], built["shards"], built["clf"], num_samples=NUM, kid_subsets=5)
     assert gan["conditional_accuracy"] is None and gan["encoder_accuracy"] is None
     assert gan["reconstruction"] is None and gan["emotion_transfer"] is None
@@ -308,6 +316,10 @@ def test_bench_quality_end_to_end_on_a_tiny_budget(built, tmp_path):
         state = json.loads(next((out / r["name"] / "run" / "checkpoints").glob("*/state.json")).read_text())
         assert state["step"] == 3 and state["world_size"] == 2
     assert "| default |" in proc.stdout and "| before |" in proc.stdout
+    ceiling = result["rows"][0]
+    recall = ceiling["classifier_real_accuracy_per_class"]
+    assert ceiling["classifier_real_balanced_accuracy"] == pytest.approx(sum(recall.values()) / len(recall))
+    assert "| real faces (the classifier's recall: the ceiling) |" in (out / "quality.md").read_text()
     # the second call reuses both rows
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reusing") == 2

@@ -79,6 +79,9 @@ BEFORE = ("loss.loss=bce", "loss.latent_weight=1", "model.mbstd_by_class=false",
           "optim.beta1=0.5", "optim.beta2=0.999", "model.d_conditioning=concat", "loss.real_emotion=encoder",
           *NO_E_OPTIONS)
 
+#: ADC-GAN's 2K-class head on D (real-k / fake-k), trained at weight 1.
+ADC = ("model.d_class_head=true", "loss.adc_weight=1")
+
 _ABLATIONS = (
     Row("default", "quickstart", (), "the default recipe, seed 0"),
     Row("default_seed1", "quickstart", ("train.seed=1",), "the same, seed 1: the noise of one row"),
@@ -103,7 +106,7 @@ _ABLATIONS = (
     Row("real_c_encoder", "quickstart", ("loss.real_emotion=encoder",), "softmax(E_c(x)) in real tuples"),
     Row("diffaugment", "quickstart", ("loss.diffaugment=[translation,cutout]",), "DiffAugment on D's inputs"),
     Row("ttur", "quickstart", ("optim.lr_d=4e-4", "optim.lr_ge=1e-4"), "TTUR learning rates"),
-    Row("adc", "quickstart", ("model.d_class_head=true", "loss.adc_weight=1"),
+    Row("adc", "quickstart", ADC,
         "ADC-GAN's real-k / fake-k head on D"),
     Row("cgan", "quickstart", ("model.kind=cgan",), "cGAN (no encoder) with the same recipe"),
 )
@@ -118,6 +121,9 @@ PRESETS: dict[str, Preset] = {
               Row("no_e_options", "bicogan", NO_MIRROR_NO_E,
                   "the default until 2026-12-03: no mirrored reals, no augmented view for E, no reconstruction"),
               Row("rotate", "bicogan_rotate", NO_E_OPTIONS, "the paper's rotation of the real images instead"),
+              Row("no_recon", "bicogan", ("loss.recon_weight=0",), "no reconstruction loss"),
+              Row("adc", "bicogan", ADC,
+                  "ADC-GAN's real-k / fake-k head on D"),
               Row("before", "bicogan", BEFORE),
               # The paper's networks at batch 128 ran 24.2 images/s in bf16 here (tools/bench_train.py): the same
               # 30 minutes are 340 of its steps.
@@ -221,6 +227,9 @@ def summarise(row: Row, report: dict[str, Any], bench: dict[str, Any]) -> dict[s
         "conditional_accuracy": ca["overall"] if ca else None,
         "conditional_accuracy_per_class": ca["per_class"] if ca else None,
         "classifier_real_accuracy": report["classifier"]["accuracy_on_real"].get(split),
+        # Absent from reports written before 2026-12-03 evening (then None / "—" in the table).
+        "classifier_real_balanced_accuracy": (report["classifier"].get("balanced_accuracy_on_real") or {}).get(split),
+        "classifier_real_accuracy_per_class": (report["classifier"].get("per_class_accuracy_on_real") or {}).get(split),
         "intra_class_diversity": ca["intra_class_diversity"]["mean"] if ca else None,
         "intra_class_diversity_real": ca["intra_class_diversity"][f"real_{split}_mean"] if ca else None,
         "pixel_diversity": ca["intra_class_diversity"]["pixels_mean"] if ca else None,
@@ -332,7 +341,9 @@ def quality_markdown(result: QualityResult) -> str:
              f"{m['description']}. {m['steps']} steps per row; evaluated on {m['split']} with "
              f"{m['num_samples_per_class']} generated faces per emotion, seed {m['seed']}.", "",
              f"Feature space: {m['feature_space']} (classifier sha256 {str(m['classifier_sha256'])[:12]}). "
-             f"Ceilings and references, real data: classifier accuracy {_pct(ref.get('classifier_real_accuracy'))}, "
+             f"Ceilings and references, real data: classifier accuracy {_pct(ref.get('classifier_real_accuracy'))} "
+             f"(averaged over emotions {_pct(ref.get('classifier_real_balanced_accuracy'))}: the ceiling of "
+             f"conditional accuracy, which draws as many faces of every emotion), "
              f"diversity {_num(ref.get('intra_class_diversity_real'))}, FID vs Training "
              f"{_num(ref.get('fid_training_real'))}, per-emotion FID {_num(ref.get('per_class_fid_real'))}.", ""]
     header = ["row", "steps", "cond. acc.", "diversity", "pixel div.", "FID", "per-emotion FID", "encoder acc.", "transfer", "recon. MAE",
@@ -351,6 +362,10 @@ def quality_markdown(result: QualityResult) -> str:
         for r in rows:
             pc = r["conditional_accuracy_per_class"] or {}
             lines.append(f"| {r['name']} | " + " | ".join(_pct(pc.get(n)) for n in names) + " |")
+        real_pc = ref.get("classifier_real_accuracy_per_class")
+        if real_pc:
+            lines.append("| real faces (the classifier's recall: the ceiling) | "
+                         + " | ".join(_pct(real_pc.get(n)) for n in names) + " |")
     lines += ["", "Rows:", ""] + [f"- `{r['name']}`: {r['note'] or r['config']}"
                                   + (f" (`{' '.join(r['overrides'])}`)" if r["overrides"] else "") for r in rows]
     lines += ["", f"This call: {m['seconds']:.0f} s. Grids: `<out>/<row>/grid.png`; reports: `<out>/<row>/report.md`.",

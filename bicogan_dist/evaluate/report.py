@@ -59,8 +59,12 @@ def markdown_summary(report: dict[str, Any]) -> str:
     clf = report["classifier"]
     acc_real = clf.get("accuracy_on_real") or {}
     sha = clf.get("weights_sha256")
-    lines += [f"The classifier (measuring stick) scores {_fmt(acc_real.get(split), True)} on real {split} faces: "
-              f"the ceiling to read conditional accuracy against. Classifier `{clf.get('path')}`"
+    balanced = (clf.get("balanced_accuracy_on_real") or {}).get(split)
+    lines += [f"The classifier (measuring stick) scores {_fmt(acc_real.get(split), True)} on real {split} faces"
+              + (f" ({_fmt(balanced, True)} averaged over emotions: the ceiling to read conditional accuracy "
+                 f"against, which draws as many faces of every emotion)" if balanced is not None
+                 else ": the ceiling to read conditional accuracy against")
+              + f". Classifier `{clf.get('path')}`"
               + (f", weights sha256 `{sha[:12]}`" if sha else "")
               + ": FIDs from other classifiers are in other feature spaces.", ""]
 
