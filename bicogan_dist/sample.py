@@ -42,6 +42,7 @@ from PIL import Image
 from bicogan_dist.atomic_dir import atomic_output
 from bicogan_dist.export import ExportedModel, load_export
 from bicogan_dist.imaging import labelled_grid, save_png, to_model_range, to_uint8
+from bicogan_dist.models.networks import truncate
 
 GENERATED_SPLIT = "Generated"
 GENERATED_INFO = "generated.json"
@@ -83,9 +84,11 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def seed_noise(seeds: Sequence[int], z_dim: int) -> torch.Tensor:
-    """(len(seeds), z_dim) on the CPU; row i depends only on seeds[i]."""
-    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def seed_noise(seeds: Sequence[int], z_dim: int, truncation: float = 1.0) -> torch.Tensor:
+    """(len(seeds), z_dim) on the CPU; row i depends only on seeds[i] (and ``truncation``, the psi of
+    ``models.networks.truncate``)."""
+    return truncate(torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s)))
+                                 for s in seeds]), truncation)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -172,9 +175,9 @@ def _blank(n: int) -> torch.Tensor:
 
 
 def grid_panel(model: ExportedModel, seeds: Sequence[int], classes: Sequence[int] | None = None,
-               batch_size: int = 256) -> Panel:
+               batch_size: int = 256, truncation: float = 1.0) -> Panel:
     """One row per emotion (one row for unconditional kinds), one column per seed; same z down a column."""
-    z = seed_noise(seeds, model.z_dim)
+    z = seed_noise(seeds, model.z_dim, truncation)
     cols = len(seeds)
     col_labels = [f"seed {s}" for s in seeds]
     if not model.conditional:
@@ -186,11 +189,12 @@ def grid_panel(model: ExportedModel, seeds: Sequence[int], classes: Sequence[int
 
 
 def interpolation_panel(model: ExportedModel, seed_a: int, seed_b: int, steps: int = 8, method: str = "slerp",
-                        classes: Sequence[int] | None = None, batch_size: int = 256) -> Panel:
+                        classes: Sequence[int] | None = None, batch_size: int = 256,
+                        truncation: float = 1.0) -> Panel:
     """Per emotion, ``steps`` images from z(seed_a) to z(seed_b); then seed_a across the emotions in order."""
     if steps < 2:
         raise SampleError("--steps must be at least 2")
-    za, zb = seed_noise([seed_a, seed_b], model.z_dim)
+    za, zb = seed_noise([seed_a, seed_b], model.z_dim, truncation)
     t = torch.linspace(0, 1, steps)
     path = slerp(za, zb, t) if method == "slerp" else lerp(za, zb, t)
     if not model.conditional:
@@ -312,18 +316,18 @@ def save_panel(panel: Panel, out: str | Path) -> Path:
 
 
 def _per_class_batches(model: ExportedModel, n: int, classes: Sequence[int], seed: int,
-                       batch_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+                       batch_size: int, truncation: float = 1.0) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(class index, first image index, uint8 batch); image i of class k uses seed ``seed + k*n + i``."""
     for k in classes:
         for sl in _batches(n, batch_size):
             seeds = [seed + k * n + i for i in range(sl.start, sl.stop)]
             c = torch.full((len(seeds),), k, dtype=torch.long)
-            yield k, sl.start, generate(model, seed_noise(seeds, model.z_dim), c, batch_size)
+            yield k, sl.start, generate(model, seed_noise(seeds, model.z_dim, truncation), c, batch_size)
 
 
 def write_per_class(model: ExportedModel, n: int, out: str | Path, fmt: str = "png", seed: int = 0,
                     classes: Sequence[int] | None = None, batch_size: int = 256, force: bool = False,
-                    shard_size: int = 4000) -> Path:
+                    shard_size: int = 4000, truncation: float = 1.0) -> Path:
     """N images per emotion as ``out/<emotion>/<index>.png`` or as shards of split "Generated" + manifest."""
     if not model.conditional:
         raise SampleError(f"--per-class needs a conditional export (cgan or bicogan); this one is "
@@ -339,12 +343,13 @@ def write_per_class(model: ExportedModel, n: int, out: str | Path, fmt: str = "p
         "format": "bicogan_dist.generated", "layout": fmt, "export": str(model.path.resolve()) if model.path else None,
         "source": model.metadata.get("source"), "class_names": model.class_names, "per_class": n, "seed": seed,
         "seed_rule": "image i of class k (index in class_names) uses noise seed seed + k*per_class + i",
+        "truncation": truncation,
         "counts": {model.class_names[k]: n for k in classes},
     }
     # A non-empty folder is the tool's only when it holds generated.json; then every entry in it is.
     with atomic_output(out, force=force, what="generated images", owned=lambda p: (p.parent / GENERATED_INFO).is_file(),
                        error=SampleError) as tmp:
-        batches = _per_class_batches(model, n, classes, seed, batch_size)
+        batches = _per_class_batches(model, n, classes, seed, batch_size, truncation)
         if fmt == "png":
             for k, start, images in batches:
                 folder = tmp / model.class_names[k]
@@ -410,6 +415,7 @@ class SampleRequest:
     force: bool = False
     device: str | None = None
     batch_size: int = 256
+    truncation: float = 1.0
 
 
 def run(args: SampleRequest) -> Path:
@@ -417,6 +423,8 @@ def run(args: SampleRequest) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SampleError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if args.transfer is not None and args.truncation != 1:
+        raise SampleError("--truncation applies to faces drawn from noise; --transfer edits encoded faces")
     model = load_export(args.export, device=device)
     emotions = [e for e in args.emotions.split(",") if e.strip()] if args.emotions else None
     if emotions and not model.conditional:
@@ -424,15 +432,16 @@ def run(args: SampleRequest) -> Path:
     classes = select_classes(model, emotions)
     if args.per_class is not None:
         return write_per_class(model, args.per_class, args.out, args.format, args.seed, classes, args.batch_size,
-                               args.force, args.shard_size)
+                               args.force, args.shard_size, args.truncation)
     if args.interpolate:
         seeds = parse_seeds(args.seeds) if args.seeds else [0, 1]
         if len(seeds) != 2:
             raise SampleError(f"--interpolate needs exactly two seeds A,B; got {seeds}")
-        panel = interpolation_panel(model, seeds[0], seeds[1], args.steps, args.method, classes, args.batch_size)
+        panel = interpolation_panel(model, seeds[0], seeds[1], args.steps, args.method, classes, args.batch_size,
+                                    args.truncation)
     elif args.transfer is not None:
         require_encoder(model)  # before reading any input
         panel = transfer_panel(model, read_faces(args.transfer, args.limit), classes, args.batch_size)
     else:
-        panel = grid_panel(model, parse_seeds(args.seeds or "8"), classes, args.batch_size)
+        panel = grid_panel(model, parse_seeds(args.seeds or "8"), classes, args.batch_size, args.truncation)
     return save_panel(panel, args.out)

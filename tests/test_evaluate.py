@@ -127,6 +127,35 @@ def test_evaluation_is_deterministic_and_unconditional_kinds_get_nulls(built):
     assert gan["fid"]["generated_vs_Training"] >= 0 and gan["generated_class_counts"] is None
 
 
+def test_truncated_evaluation_draws_from_scaled_noise_and_says_so(built):
+    from bicogan_dist.evaluate.classifier import load_classifier
+    from bicogan_dist.evaluate.evaluation import Evaluator, RealData, _noise, evaluate_export
+    from bicogan_dist.evaluate.report import markdown_summary
+    from bicogan_dist.export import load_export
+    from bicogan_dist.imaging import to_uint8
+
+    clf = load_classifier(built["clf"])
+    real = RealData.load(built["shards"], "PrivateTest", clf)
+    exported = load_export(built["bicogan"])
+    labels = torch.arange(3).repeat_interleave(2)
+    images = Evaluator(clf, real, truncation=0.5).generate(exported.G, labels, 6, exported.z_dim, seed=4)
+    exported.G.eval()
+    with torch.no_grad():
+        expected = to_uint8(exported.G(0.5 * _noise(6, exported.z_dim, 4, torch.device("cpu")), labels))
+    assert torch.equal(images, expected)
+    with pytest.raises(ValueError, match="truncation psi"):
+        Evaluator(clf, real, truncation=0)
+    plain = evaluate_export(exported, built["shards"], clf, num_samples=NUM, seed=3, kid_subsets=5, real=real)
+    half = evaluate_export(exported, built["shards"], clf, num_samples=NUM, seed=3, kid_subsets=5, real=real,
+                           truncation=0.5)
+    assert plain["settings"]["truncation"] == 1.0 and half["settings"]["truncation"] == 0.5
+    assert "drawn from z x 0.5" in markdown_summary(half) and "drawn from z x" not in markdown_summary(plain)
+    # faces drawn from noise change; encoded faces (encoder, reconstruction, transfer) never use truncation
+    assert half["fid"] != plain["fid"]
+    for key in ("encoder_accuracy", "reconstruction", "emotion_transfer"):
+        assert half[key] == plain[key]
+
+
 def test_training_evaluator_returns_flat_scalars(built):
     from bicogan_dist.evaluate.evaluation import make_training_evaluator
     from bicogan_dist.export import load_export
@@ -303,16 +332,21 @@ def test_bench_quality_end_to_end_on_a_tiny_budget(built, tmp_path):
     out = tmp_path / "quality"
     cmd = [sys.executable, "tools/bench_quality.py", "--preset", "synthetic", "--classifier", str(built["clf"]),
            "--shards", str(built["shards"]), "--out", str(out), "--steps", "3", "--rows", "default,before",
-           "--num-samples", "12", *TINY_GAN]
+           "--num-samples", "12", "--truncation", "1,0.5", *TINY_GAN]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((out / "quality.json").read_text())
-    assert [r["name"] for r in result["rows"]] == ["default", "before"] and result["meta"]["steps"] == 3
+    names = ["default", "default psi=0.5", "before", "before psi=0.5"]
+    assert [r["name"] for r in result["rows"]] == names and result["meta"]["steps"] == 3
+    assert [r["truncation"] for r in result["rows"]] == [1, 0.5, 1, 0.5]
     for r in result["rows"]:
         assert 0 <= r["conditional_accuracy"] <= 1 and r["fid_training"] >= 0 and r["images_per_s"] > 0
         assert r["intra_class_diversity"] >= 0 and r["per_class_fid"] >= 0 and r["reconstruction_mae"] >= 0
-        assert (out / r["name"] / "grid.png").is_file() and (out / r["name"] / "report.md").is_file()
+        assert Path(r["grid"]).is_file() and Path(r["report"]).with_suffix(".md").is_file()
+        if r["truncation"] != 1:
+            assert json.loads(Path(r["report"]).read_text())["settings"]["truncation"] == r["truncation"]
+            continue
         state = json.loads(next((out / r["name"] / "run" / "checkpoints").glob("*/state.json")).read_text())
         assert state["step"] == 3 and state["world_size"] == 2
     assert "| default |" in proc.stdout and "| before |" in proc.stdout
@@ -322,7 +356,7 @@ def test_bench_quality_end_to_end_on_a_tiny_budget(built, tmp_path):
     assert "| real faces (the classifier's recall: the ceiling) |" in (out / "quality.md").read_text()
     # the second call reuses both rows
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 2
+    assert again.returncode == 0 and again.stdout.count("reusing") == 2 and "] training " not in again.stdout
 
 
 def test_every_quality_preset_row_is_a_valid_config():

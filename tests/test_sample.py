@@ -281,3 +281,37 @@ def test_bad_arguments(exports, tmp_path, capsys):
         assert sample_main([str(exports["bicogan"]), "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_truncation_pulls_z_toward_the_mean_in_grids_and_per_class(exports, models, tmp_path, capsys):
+    from bicogan_dist.models.networks import truncate
+
+    z = seed_noise([0, 1, 2], Z_DIM)
+    assert truncate(z, 1) is z and torch.equal(seed_noise([0, 1, 2], Z_DIM, 0.5), z * 0.5)
+    for bad in (0, 1.5, -0.3, True):
+        with pytest.raises(ValueError, match=r"truncation psi must be in \(0, 1\]"):
+            truncate(z, bad)
+    # grid cell (row r, column j) is G(psi * z(seed j), r)
+    panel = grid_panel(models["bicogan"], [0, 1, 2, 3], truncation=0.5)
+    with torch.inference_mode():
+        expected = to_uint8(models["bicogan"].G(0.5 * seed_noise([2], Z_DIM), torch.tensor([3])))
+    assert close(panel.images[3 * 4 + 2], expected[0])
+    # N per class: the same files as an untruncated call with the noise scaled, and the setting is recorded
+    out = tmp_path / "gen"
+    assert sample_main([str(exports["bicogan"]), "--per-class", "2", "--out", str(out), "--device", "cpu",
+                        "--truncation", "0.5"]) == 0
+    assert json.loads((out / "generated.json").read_text())["truncation"] == 0.5
+    first = np.array(Image.open(out / CLASS_NAMES[0] / "00000.png"))
+    with torch.inference_mode():
+        want = to_uint8(models["bicogan"].G(0.5 * seed_noise([0], Z_DIM), torch.tensor([0])))[0, 0].numpy()
+    assert np.abs(first.astype(int) - want.astype(int)).max() <= 1
+    # bad values are usage errors naming the flag; --transfer refuses it
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit) as exc:
+            sample_main([str(exports["bicogan"]), "--truncation", bad, "--out", str(tmp_path / "x.png")])
+        assert exc.value.code == 2 and "--truncation must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SampleError, match="--truncation applies to faces drawn from noise"):
+        from bicogan_dist.sample import SampleRequest, run
+        run(SampleRequest(export=str(exports["bicogan"]), out=str(tmp_path / "t.png"), transfer=str(tmp_path),
+                          truncation=0.5, device="cpu"))
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "t.png").exists()

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--transfer-limit", type=int, default=None,
                    help="encode/transfer only the first N held-out faces (default all)")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
+                   help="draw the generated faces from z * PSI, PSI in (0, 1] (the truncation trick; default 1: "
+                        "none). Encoded faces (encoder accuracy, reconstruction, transfer) are never truncated")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -42,7 +45,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_export(args.export, args.shards, args.classifier, num_samples=args.num_samples,
                              split=args.split, device=args.device, seed=args.seed, kid_subsets=args.kid_subsets,
-                             kid_subset_size=args.kid_subset_size, transfer_limit=args.transfer_limit)
+                             kid_subset_size=args.kid_subset_size, transfer_limit=args.transfer_limit,
+                             truncation=args.truncation)
     for line in summary_lines(report, write_report(report, args.out)):
         print(line)
     return 0
@@ -57,7 +61,9 @@ def _errors() -> dict:
 
 
 #: 0 on success, 2 with ``error: ...`` on bad input.
-COMMAND = Command(build_parser, _evaluate, _errors, [(lambda a: a.num_samples < 1, "--num-samples must be >= 1")])
+COMMAND = Command(build_parser, _evaluate, _errors, [(lambda a: a.num_samples < 1, "--num-samples must be >= 1"),
+                                                       (lambda a: not 0 < a.truncation <= 1,
+                                                        "--truncation must be in (0, 1]")])
 main, parse_args = COMMAND.main, COMMAND.parse_args
 
 

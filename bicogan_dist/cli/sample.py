@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="--per-class: replace a folder this tool wrote before")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
+                   help="draw z * PSI, PSI in (0, 1]: less variety within an emotion, clearer emotions (the "
+                        "truncation trick; default 1 = no truncation; README, section 7)")
     return p
 
 
@@ -70,7 +73,9 @@ def _errors() -> dict:
 #: 0 on success (``wrote PATH``), 2 with ``error: ...`` on bad input; sizes below 1 are usage errors.
 COMMAND = Command(build_parser, _sample, _errors, [(lambda a: a.batch_size < 1, "--batch-size must be at least 1"),
                                                    (lambda a: a.limit < 1, "--limit must be at least 1"),
-                                                   (lambda a: a.shard_size < 1, "--shard-size must be at least 1")])
+                                                   (lambda a: a.shard_size < 1, "--shard-size must be at least 1"),
+                                                   (lambda a: not 0 < a.truncation <= 1,
+                                                    "--truncation must be in (0, 1]")])
 main, parse_args = COMMAND.main, COMMAND.parse_args
 
 

@@ -34,6 +34,7 @@ from bicogan_dist.evaluate.classifier import LoadedClassifier, load_classifier
 from bicogan_dist.evaluate.metrics import (accuracy_from_confusion, confusion_matrix, fid, kid,
                                            mean_pairwise_distance)
 from bicogan_dist.imaging import to_model_range, to_uint8
+from bicogan_dist.models.networks import truncate
 
 REPORT_FORMAT = "bicogan_dist.evaluation"
 REPORT_VERSION = 1
@@ -123,8 +124,10 @@ class Evaluator:
 
     def __init__(self, classifier: LoadedClassifier, real: RealData, num_samples: int = 500, seed: int = 0,
                  batch_size: int = 256, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                 transfer_limit: int | None = None) -> None:
+                 transfer_limit: int | None = None, truncation: float = 1.0) -> None:
+        truncate(torch.zeros(1), truncation)  # a bad psi fails here, before any measurement
         self.clf, self.real = classifier, real
+        self.truncation = truncation  # faces drawn from noise use z * truncation (encoded faces never)
         self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.transfer_limit = transfer_limit
@@ -135,7 +138,7 @@ class Evaluator:
     def generate(self, G: nn.Module, labels: torch.Tensor | None, n: int, z_dim: int, seed: int) -> torch.Tensor:
         """n images as uint8 on the CPU (rounded to grey levels, as a saved PNG would be)."""
         device = next(G.parameters()).device
-        z = _noise(n, z_dim, seed, device)
+        z = truncate(_noise(n, z_dim, seed, device), self.truncation)
         out = []
         with _Modes(G):
             for i in range(0, n, self.batch_size):
@@ -282,7 +285,7 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
                     num_samples: int = 500, split: str | None = None, device: torch.device | str = "cpu",
                     seed: int = 0, kid_subsets: int = 100, kid_subset_size: int = 1000,
                     transfer_limit: int | None = None, train_limit: int | None = None,
-                    real: RealData | None = None) -> dict[str, Any]:
+                    real: RealData | None = None, truncation: float = 1.0) -> dict[str, Any]:
     """Every measure for one export (``bicogan_dist.export.ExportedModel`` or its folder) → a JSON-able dict.
 
     ``real`` (from ``RealData.load``) lets callers that evaluate many exports read and embed
@@ -303,7 +306,7 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
     if real is None or real.split != split:
         real = RealData.load(shards, split, classifier, train_limit)
     ev = Evaluator(classifier, real, num_samples, seed, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
-                   transfer_limit=transfer_limit)
+                   transfer_limit=transfer_limit, truncation=truncation)
     cfg = exported.model
     conditional, bidirectional = bool(cfg.conditional), bool(cfg.bidirectional)
     G, E = exported.G, exported.E if bidirectional else None
@@ -329,7 +332,8 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
                        "accuracy_at_training": classifier.meta.get("accuracy")},
         "settings": {"shards": str(shards), "split": split, "num_samples_per_class": num_samples, "seed": seed,
                      "device": str(device), "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
-                     "transfer_limit": transfer_limit, "train_limit": train_limit, "classifier_flip_tta": True},
+                     "transfer_limit": transfer_limit, "train_limit": train_limit, "classifier_flip_tta": True,
+                     "truncation": truncation},
     }
     report["conditional_accuracy"] = ev.conditional_accuracy(G, exported.z_dim) if conditional else None
     report.update(ev.fid_kid(G, exported.z_dim, conditional))

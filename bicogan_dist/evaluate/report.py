@@ -54,7 +54,9 @@ def markdown_summary(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {report['export'].get('path') or 'an export'}", "",
              f"Model kind `{report['export']['kind']}`, step {report['export'].get('step')}, z dim "
              f"{report['export']['z_dim']}; held-out split **{split}**; seed {s['seed']}; "
-             f"{s['num_samples_per_class']} generated faces per emotion.", "",
+             f"{s['num_samples_per_class']} generated faces per emotion"
+             + (f", drawn from z x {s['truncation']:g} (truncation: less variety, clearer emotions)"
+                if s.get("truncation", 1) != 1 else "") + ".", "",
              f"**Feature space of FID/KID:** {report['feature_space']}.", ""]
     clf = report["classifier"]
     acc_real = clf.get("accuracy_on_real") or {}

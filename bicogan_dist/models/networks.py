@@ -165,6 +165,17 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
+def truncate(z: torch.Tensor, psi: float) -> torch.Tensor:
+    """The truncation trick (BigGAN; StyleGAN's psi, here in z space): z pulled toward the prior's mean 0.
+
+    psi = 1 leaves z as drawn; a smaller psi trades variety within an emotion for fidelity to it (measured
+    in the README's quality benchmark, which reports the diversity beside the accuracy it buys).
+    """
+    if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 < psi <= 1:
+        raise ValueError(f"truncation psi must be in (0, 1], got {psi!r}")
+    return z if psi == 1 else z * psi
+
+
 def count_parameters(module: nn.Module | None) -> int:
     """Number of parameters (trainable or not); 0 for ``None``."""
     return 0 if module is None else sum(p.numel() for p in module.parameters())
