@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", action="store_true", help="discard earlier results in --out")
     p.add_argument("--truncation", default=None, metavar="PSI[,PSI...]",
                    help="also evaluate every row with its faces drawn from z * PSI (the truncation trick; a row "
-                        "per PSI; default the preset's: 1 for synthetic, 1,0.7 for fer2013)")
+                        "per PSI; default the preset's: 1 for synthetic, 1,0.7,0.6 for fer2013)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every row's training")
     args = p.parse_intermixed_args(argv)
     import torch
