@@ -130,8 +130,9 @@ PRESETS: dict[str, Preset] = {
               Row("adc", "bicogan", ADC,
                   "ADC-GAN's real-k / fake-k head on D"),
               Row("before", "bicogan", BEFORE),
-              # The paper's networks at batch 128 ran 24.2 images/s in bf16 here (tools/bench_train.py): the same
-              # 30 minutes are 340 of its steps.
+              # The paper's networks at batch 128 ran 24.2 images/s in bf16 in one process here
+              # (tools/bench_train.py): 30 minutes are 340 of its steps there; with the preset's two processes each
+              # step reads twice the images (the measured row took 4,473 s on shared cores; README, section 7).
               Row("paper", "bicogan_paper", (), "the paper's model as published, same wall-clock budget", steps=340,
                   shared=False)),
         overrides=("model.width=0.5", "train.mixed_precision=bf16", "data.batch_size=64"),
@@ -140,7 +141,8 @@ PRESETS: dict[str, Preset] = {
         description="7,500 steps of 64 images x 2 processes, width 0.5, bf16, fixed at 30 minutes of training on "
                     "the 2-core CPU machine (32 minutes alone with the recipe before E's augmented view and the "
                     "reconstruction loss, which cost 1.25x per step: about 40 minutes with today's default); "
-                    "bicogan_paper is the paper's model as published, 340 of its steps in the same 30 minutes"),
+                    "bicogan_paper is the paper's model as published, 340 steps of 128 images x 2 processes "
+                    "(derived from one process's 24 images/s, so about 60 minutes here)"),
 }
 
 
@@ -343,7 +345,8 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
     result.meta = {"preset": preset_name, "description": preset.description, "steps": steps,
                    "shards": str(shards), "split": split, "num_samples_per_class": num_samples, "seed": seed,
                    "feature_space": clf.feature_space, "classifier": str(classifier_dir),
-                   "classifier_sha256": clf.weights_sha256, "truncations": truncations, "seconds": round(time.perf_counter() - t_all, 1)}
+                   "classifier_sha256": clf.weights_sha256, "truncations": truncations,
+                   "seconds": round(time.perf_counter() - t_all, 1)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps({"meta": result.meta, "rows": result.rows}, indent=2) + "\n")
     (out / "quality.md").write_text(quality_markdown(result))
