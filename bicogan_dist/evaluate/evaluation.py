@@ -34,7 +34,7 @@ from bicogan_dist.evaluate.classifier import LoadedClassifier, load_classifier
 from bicogan_dist.evaluate.metrics import (accuracy_from_confusion, confusion_matrix, fid, kid,
                                            mean_pairwise_distance)
 from bicogan_dist.imaging import to_model_range, to_uint8
-from bicogan_dist.models.networks import truncate
+from bicogan_dist.models.networks import check_truncation, truncate
 
 REPORT_FORMAT = "bicogan_dist.evaluation"
 REPORT_VERSION = 1
@@ -125,9 +125,9 @@ class Evaluator:
     def __init__(self, classifier: LoadedClassifier, real: RealData, num_samples: int = 500, seed: int = 0,
                  batch_size: int = 256, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  transfer_limit: int | None = None, truncation: float = 1.0) -> None:
-        truncate(torch.zeros(1), truncation)  # a bad psi fails here, before any measurement
         self.clf, self.real = classifier, real
-        self.truncation = truncation  # faces drawn from noise use z * truncation (encoded faces never)
+        # faces drawn from noise use z * truncation (encoded faces never); a bad psi fails before any measurement
+        self.truncation = check_truncation(truncation)
         self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.transfer_limit = transfer_limit
@@ -310,8 +310,10 @@ def evaluate_export(exported: Any, shards: str | Path, classifier: LoadedClassif
     cfg = exported.model
     conditional, bidirectional = bool(cfg.conditional), bool(cfg.bidirectional)
     G, E = exported.G, exported.E if bidirectional else None
-    real_cm = confusion_matrix(real.test_y, classifier.predict(real.test_x).cpu(), len(real.class_names))
-    real_overall, real_recall = accuracy_from_confusion(real_cm)
+    if "classifier_on_real" not in real.cache:  # independent of G: once per RealData (bench_quality reuses it)
+        real.cache["classifier_on_real"] = accuracy_from_confusion(
+            confusion_matrix(real.test_y, classifier.predict(real.test_x).cpu(), len(real.class_names)))
+    real_overall, real_recall = real.cache["classifier_on_real"]
     # Conditional accuracy draws the same number of faces per emotion, so its ceiling is the classifier's mean
     # recall over emotions on real faces, not its accuracy on the (imbalanced) real split.
     real_balanced = float(np.mean([r for r in real_recall if r is not None]))

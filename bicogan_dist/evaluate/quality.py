@@ -307,6 +307,7 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
                                   or bench.get("classifier_sha256") != clf.weights_sha256):
             raise QualityError(f"{bench_json} was made with other steps, overrides or classifier; pass --rerun to "
                                f"replace it or choose another --out")
+        exported = None  # loaded at most once per row: after training, or for truncations still to evaluate
         if bench is None or not report_json.is_file():
             if folder.exists():
                 shutil.rmtree(folder)  # a row interrupted before its report: train it afresh
@@ -332,7 +333,8 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
             if not psi_json.is_file():  # the same export, its faces drawn from z * psi
                 if real is None:
                     real = RealData.load(shards, split, clf)
-                exported = load_export(folder / "export", device_t)
+                if exported is None:
+                    exported = load_export(folder / "export", device_t)
                 write_report(evaluate_export(exported, shards, clf, num_samples=num_samples, split=split,
                                              device=device_t, seed=seed, real=real, truncation=psi), psi_json)
                 save_panel(grid_panel(exported, list(range(8)), truncation=psi), folder / f"grid_psi{psi:g}.png")

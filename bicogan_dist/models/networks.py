@@ -171,9 +171,14 @@ def truncate(z: torch.Tensor, psi: float) -> torch.Tensor:
     psi = 1 leaves z as drawn; a smaller psi trades variety within an emotion for fidelity to it (measured
     in the README's quality benchmark, which reports the diversity beside the accuracy it buys).
     """
+    return z if check_truncation(psi) == 1 else z * psi
+
+
+def check_truncation(psi: float) -> float:
+    """``psi`` if it is a truncation ``truncate`` accepts, else ValueError naming it."""
     if isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 < psi <= 1:
         raise ValueError(f"truncation psi must be in (0, 1], got {psi!r}")
-    return z if psi == 1 else z * psi
+    return psi
 
 
 def count_parameters(module: nn.Module | None) -> int:
