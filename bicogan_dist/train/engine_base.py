@@ -168,11 +168,10 @@ class GeneratorEncoder(nn.Module):
             return GEOutputs(fake)
         if x_efl is None:
             z_hat, c_logits = self.E(x)
-        else:  # one E call: GroupNorm (ours) is per sample; the paper's BatchNorm sees both views
-            z_both, c_both = self.E(torch.cat([x, x_efl]))
-            z_hat, c_logits = z_both[:x.shape[0]], (None if c_both is None else c_both[x.shape[0]:])
+        else:
+            z_hat, c_logits = self.E.encode_views(x, x_efl)
         # Separate calls: BatchNorm (G's; the paper E's) must not mix fakes with encodings of reals.
-        z_rec = self.E(fake)[0] if encode_fake else None
+        z_rec = self.E.encode_z(fake) if encode_fake else None
         recon = self.G(z_hat, c_recon) if reconstruct else None
         return GEOutputs(fake, z_hat, c_logits, z_rec, recon)
 
