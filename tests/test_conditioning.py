@@ -7,6 +7,8 @@
 - DiffAugment (``loss.diffaugment``): exact flip, translation and cutout, differentiable, reproducible;
 - E's augmented emotion view (``loss.efl_augment``) and the reconstruction of real faces
   (``loss.recon_weight``): what ``GeneratorEncoder`` computes and where the gradients go;
+- E's emotion branch (``model.e_emotion=branch``): it reads the augmented view, the z trunk reads
+  the faces and the fakes, and the emotion loss no longer trains the z trunk;
 - intra-class diversity: 0 for identical faces, about 1 for two samples of one distribution.
 """
 from __future__ import annotations
@@ -177,15 +179,15 @@ def test_loss_config_validates_the_new_keys():
 
 
 # ----------------------------------------------------------------------------- E's augmented view, reconstruction
-def generator_encoder():
+def generator_encoder(**model):
     from bicogan_dist.train.engine_base import GeneratorEncoder
 
-    _, m = models()
+    _, m = models(**model)
     return m, GeneratorEncoder(m.G, m.E)
 
 
 def test_efl_view_gives_the_emotion_logits_while_z_hat_stays_the_plain_images():
-    m, ge = generator_encoder()
+    m, ge = generator_encoder(e_emotion="shared")  # one call over both views (the branch: test below)
     z, c, x = torch.randn(4, 16), torch.arange(4), torch.rand(4, 1, 48, 48) * 2 - 1
     x_view = diffaugment.apply(x, params(["flip", "translation", "cutout"]))
     out = ge(z, c, x, x_efl=x_view)
@@ -199,10 +201,11 @@ def test_efl_view_gives_the_emotion_logits_while_z_hat_stays_the_plain_images():
     assert torch.allclose(plain.c_logits, c_plain, atol=1e-5)
 
 
-def test_reconstruction_is_g_of_e_z_and_its_gradient_reaches_e_z_and_g_but_not_the_emotion_head():
+@pytest.mark.parametrize("e_emotion", ["shared", "branch"])
+def test_reconstruction_is_g_of_e_z_and_its_gradient_reaches_e_z_and_g_but_not_the_emotion_path(e_emotion):
     from bicogan_dist.models.losses import reconstruction_loss
 
-    m, ge = generator_encoder()
+    m, ge = generator_encoder(e_emotion=e_emotion)
     ge.eval()  # no batch statistics: G(z_hat, y) must equal a separate call
     z, c, x, y = torch.randn(4, 16), torch.arange(4), torch.rand(4, 1, 48, 48) * 2 - 1, torch.tensor([5, 4, 3, 2])
     out = ge(z, c, x, reconstruct=True, c_recon=y)
@@ -213,7 +216,76 @@ def test_reconstruction_is_g_of_e_z_and_its_gradient_reaches_e_z_and_g_but_not_t
     assert float(loss) == pytest.approx(float((expected - x).abs().mean()), rel=1e-5)
     loss.backward()
     assert m.E.z_head.weight.grad.abs().sum() > 0 and m.G.fc.weight.grad.abs().sum() > 0
-    assert m.E.c_head.weight.grad is None  # y, not E's emotion, conditions the reconstruction
+    emotion_path = m.E.c_head if e_emotion == "shared" else m.E.emotion
+    assert all(p.grad is None for p in emotion_path.parameters())  # y, not E's emotion, conditions it
+
+
+# ----------------------------------------------------------------------------- E's emotion branch
+def branch_inputs():
+    z, c, x = torch.randn(4, 16), torch.arange(4), torch.rand(4, 1, 48, 48) * 2 - 1
+    return z, c, x, diffaugment.apply(x, params(["flip", "translation", "cutout"]))
+
+
+def test_emotion_branch_reads_the_view_while_the_z_trunk_reads_faces_and_fakes():
+    from bicogan_dist.train.engine_base import GeneratorEncoder
+
+    _, m = models(e_emotion="branch")
+    assert m.E.c_head is None and m.E.emotion is not None
+    ge = GeneratorEncoder(m.G, m.E).eval()  # no dropout, running statistics: outputs comparable call by call
+    z, c, x, x_view = branch_inputs()
+    out = ge(z, c, x, x_efl=x_view, encode_fake=True)
+    with torch.no_grad():
+        assert torch.allclose(out.z_hat, m.E.z_head(m.E.features(x)), atol=1e-5)
+        assert torch.allclose(out.c_logits, m.E.emotion(x_view), atol=1e-7)
+        assert torch.allclose(out.z_rec, m.E.z_head(m.E.features(out.fake)), atol=1e-5)
+        z_plain, c_plain = m.E(x)  # what evaluation and sampling call: both from the same faces
+        assert torch.allclose(z_plain, out.z_hat, atol=1e-5) and torch.allclose(c_plain, m.E.emotion(x), atol=1e-5)
+    # an untrained branch answers nearly alike for every face: the views still give different logits
+    assert out.c_logits.shape == (4, N_CLS) and (out.c_logits - c_plain).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("e_emotion", ["shared", "branch"])
+def test_the_emotion_loss_trains_the_z_trunk_only_when_shared(e_emotion):
+    from bicogan_dist.train.engine_base import GeneratorEncoder
+
+    _, m = models(e_emotion=e_emotion)
+    z, c, x, x_view = branch_inputs()
+    F.cross_entropy(GeneratorEncoder(m.G, m.E)(z, c, x, x_efl=x_view).c_logits, c).backward()
+    trunk = [p.grad for p in m.E.features.parameters()]
+    if e_emotion == "shared":
+        assert all(g is not None and g.abs().sum() > 0 for g in trunk)
+    else:
+        assert all(g is None for g in trunk) and m.E.z_head.weight.grad is None
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.E.emotion.parameters())
+
+
+def test_encoding_fakes_leaves_the_emotion_branch_statistics_alone():
+    _, m = models(e_emotion="branch")
+    bns = [mod for mod in m.E.emotion.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    assert len(bns) == 8
+    before = [b.running_mean.clone() for b in bns]
+    m.E.train().encode_z(torch.rand(4, 1, 48, 48) * 2 - 1)
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(before, bns))
+    z, _, x, x_view = branch_inputs()
+    m.E.encode_views(x, x_view)
+    assert not torch.equal(before[0], bns[0].running_mean)  # the real view does move them
+
+
+def test_emotion_branch_is_the_default_where_e_reads_emotions_and_old_exports_read_as_shared():
+    with pytest.raises(ConfigError, match="model.e_emotion: 'deep' is not one of"):
+        ModelConfig(e_emotion="deep")
+    assert ModelConfig().e_emotion == "branch" and ModelConfig().emotion_branch
+    for kind in ("bigan", "cgan", "gan"):  # no emotion output from E: nothing to branch
+        cfg, m = models(kind=kind)
+        assert not cfg.emotion_branch and describe(cfg, N_CLS)["encoder_emotion"] is None
+        assert m.E is None or (m.E.emotion is None and m.E.c_head is None)
+    paper = ModelConfig(arch="paper")  # the paper's E has its head on the trunk, as published
+    assert not paper.emotion_branch and describe(paper, N_CLS)["encoder_emotion"] == "shared"
+    assert build_models(paper, N_CLS).E.c_head is not None
+    desc = describe(ModelConfig(width=0.25), N_CLS)
+    assert desc["encoder_emotion"] == "branch" and config_from_description(desc).e_emotion == "branch"
+    old = {k: v for k, v in desc["config"].items() if k != "e_emotion"}  # an export written before the option
+    assert config_from_description({"config": old}).e_emotion == "shared"
 
 
 # ----------------------------------------------------------------------------- diversity metric

@@ -29,18 +29,20 @@ CLASS_NAMES = ["angry", "fear", "happy", "sad", "surprise", "neutral"]
 Z_DIM = 16
 
 
-def tiny_config(kind: str):
+def tiny_config(kind: str, **model):
     from bicogan_dist.models.networks import ModelConfig
 
-    return from_dict(ModelConfig, {"kind": kind, "z_dim": Z_DIM, "width": 0.25})
+    return from_dict(ModelConfig, {"kind": kind, "z_dim": Z_DIM, "width": 0.25, **model})
 
 
-def make_checkpoint(run_dir: Path, kind: str, step: int = 2, engine: str = "ddp", seed: int = 0) -> dict:
-    """A checkpoint folder in the trainer's layout; returns it and the reference modules (EMA G, E) in eval mode."""
+def make_checkpoint(run_dir: Path, kind: str, step: int = 2, engine: str = "ddp", seed: int = 0, **model) -> dict:
+    """A checkpoint folder in the trainer's layout; returns it and the reference modules (EMA G, E) in eval mode.
+
+    ``model``: ModelConfig keys besides the kind (the tiny width and z_dim are fixed)."""
     from bicogan_dist.models.networks import build_models
     from bicogan_dist.train.engine import GeneratorEncoder
 
-    cfg = tiny_config(kind)
+    cfg = tiny_config(kind, **model)
     torch.manual_seed(seed)
     models = build_models(cfg, len(CLASS_NAMES))
     # One train-mode forward moves BatchNorm running statistics away from their defaults.
@@ -49,6 +51,8 @@ def make_checkpoint(run_dir: Path, kind: str, step: int = 2, engine: str = "ddp"
     c = torch.arange(8) % len(CLASS_NAMES) if cfg.conditional else None
     with torch.no_grad():
         models.G.train()(z, c)
+        if models.E is not None:
+            models.E.train()(torch.rand(8, 1, 48, 48, generator=gen) * 2 - 1)
     ema = copy.deepcopy(models.G)
     with torch.no_grad():
         for p in ema.parameters():
@@ -101,6 +105,22 @@ def test_round_trip_is_bit_exact_and_uses_ema(bicogan):
     assert not model.G.training and not model.E.training
     assert not any(p.requires_grad for p in [*model.G.parameters(), *model.E.parameters()])
     assert model.class_names == CLASS_NAMES and model.z_dim == Z_DIM and model.conditional and model.bidirectional
+
+
+@pytest.mark.parametrize("e_emotion", ["shared", "branch"])
+def test_round_trip_keeps_either_emotion_path_of_the_encoder(e_emotion, tmp_path):
+    ref = make_checkpoint(tmp_path / "run", "bicogan", e_emotion=e_emotion)
+    assert convert_main([str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    model = load_export(tmp_path / "export")
+    assert (model.E.emotion is not None) == (e_emotion == "branch")
+    x = torch.rand(5, 1, 48, 48, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    with torch.inference_mode():
+        for a, b in zip(model.E(x), ref["E"](x)):
+            assert torch.equal(a, b)
+    if e_emotion == "branch":  # the branch's running statistics travel too (a train-mode forward moved them)
+        bn = model.E.emotion[1]
+        assert isinstance(bn, torch.nn.BatchNorm2d) and torch.equal(bn.running_mean, ref["E"].emotion[1].running_mean)
+        assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
 
 
 def test_export_json_describes_the_model(bicogan):

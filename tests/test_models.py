@@ -204,7 +204,10 @@ def test_spectral_norm_and_d_batchnorm_switches():
     _, plain = make("bicogan", "ours", spectral_norm=False, d_batchnorm=True)
     assert not any("parametrizations" in k for k in plain.D.state_dict())
     assert sum(isinstance(x, nn.BatchNorm2d) for x in plain.D.modules()) == 2
-    assert not any(isinstance(x, (nn.BatchNorm1d, nn.BatchNorm2d)) for x in m.E.modules())  # GroupNorm in E
+    # GroupNorm in E's z trunk (it also encodes fakes); BatchNorm only in the emotion branch, which sees reals only
+    assert not any(isinstance(x, (nn.BatchNorm1d, nn.BatchNorm2d)) for x in m.E.features.modules())
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in m.E.modules()) == sum(
+        isinstance(x, nn.BatchNorm2d) for x in m.E.emotion.modules()) == 8
 
 
 def _convs(module: nn.Module, cls=nn.Conv2d):
@@ -336,9 +339,12 @@ def test_count_parameters():
 
 def test_ours_parameter_counts_are_documented():
     """The counts quoted in the networks module docstring (width 1, 6 classes, z 100)."""
-    assert describe(ModelConfig(), N_CLS)["parameters"] == {"G": 2_501_081, "E": 1_634_218, "D": 6_762_433}
-    other = ModelConfig(g_conditioning="cbn", d_conditioning="concat")
+    assert describe(ModelConfig(), N_CLS)["parameters"] == {"G": 2_501_081, "E": 3_934_794, "D": 6_762_433}
+    other = ModelConfig(g_conditioning="cbn", d_conditioning="concat", e_emotion="shared")
     assert describe(other, N_CLS)["parameters"] == {"G": 1_668_185, "E": 1_634_218, "D": 7_286_721}
+    for width, e_branch, e_shared in ((0.5, 1_216_090, 653_322), (0.25, 420_258, 285_754)):
+        assert describe(ModelConfig(width=width), N_CLS)["parameters"]["E"] == e_branch
+        assert describe(ModelConfig(width=width, e_emotion="shared"), N_CLS)["parameters"]["E"] == e_shared
 
 
 # ----------------------------------------------------------------------------- cost

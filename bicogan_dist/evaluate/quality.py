@@ -72,8 +72,10 @@ class Preset:
     truncations: tuple[float, ...] = (1.0,)
 
 
-#: What the two options added on 2026-12-03 turn off: E's augmented emotion view and the reconstruction loss.
-NO_E_OPTIONS = ("loss.efl_augment=[]", "loss.recon_weight=0")
+#: E's emotion read by a head on its z trunk (the default until 2026-12-03 evening; the quick start's).
+SHARED_E = ("model.e_emotion=shared",)
+#: What the options added on 2026-12-03 turn off: E's augmented emotion view, the reconstruction loss, E's branch.
+NO_E_OPTIONS = ("loss.efl_augment=[]", "loss.recon_weight=0", *SHARED_E)
 #: The default until 2026-12-03 (no mirrored reals, no E options), as overrides of today's defaults.
 NO_MIRROR_NO_E = ("augment.ops=[]", *NO_E_OPTIONS)
 #: The first default of this benchmark (2026-12-02), as overrides of today's defaults.
@@ -126,6 +128,7 @@ PRESETS: dict[str, Preset] = {
               Row("no_e_options", "bicogan", NO_MIRROR_NO_E,
                   "the default until 2026-12-03: no mirrored reals, no augmented view for E, no reconstruction"),
               Row("rotate", "bicogan_rotate", NO_E_OPTIONS, "the paper's rotation of the real images instead"),
+              Row("e_shared", "bicogan", SHARED_E, "E's emotion from a head on its z trunk, not its own branch"),
               Row("no_recon", "bicogan", ("loss.recon_weight=0",), "no reconstruction loss"),
               Row("adc", "bicogan", ADC,
                   "ADC-GAN's real-k / fake-k head on D"),

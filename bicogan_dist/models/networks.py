@@ -37,7 +37,12 @@ nearest-upsample + 3x3 conv because the latter, with its 48x48 conv to one chann
 4.5x slower on CPU (5.4 s vs 1.2 s forward+backward at batch 128).
 E is a 4x4 stride-2 conv stack (48→24→12→6, C→2C→4C) with GroupNorm (no batch
 statistics, nothing to synchronise under DDP) and LeakyReLU(0.2), with Linear heads for
-z_hat and the emotion logits. D is a BiGAN-style joint discriminator: the same conv stack
+z_hat and the emotion logits (``e_emotion=shared``). With ``e_emotion=branch`` (the default) the emotion
+logits come from E's own branch instead: four stages (C/2, C, 2C, 4C channels) of two 3x3
+conv + BatchNorm + LeakyReLU(0.2) and a 2x2 max pool (48→3), dropout 0.3, Linear to 8C, Linear
+to the classes. Training runs it on the augmented real view that the emotion loss reads and
+never on fakes, so its batch statistics hold real faces only, and the emotion loss no longer
+shapes the z trunk. D is a BiGAN-style joint discriminator: the same conv stack
 on x (spectral norm, LeakyReLU, no BatchNorm unless ``d_batchnorm``) plus a
 minibatch-stddev channel (``mbstd_group``) → Linear to 8C features phi(x), a two-layer MLP
 on z and a joint MLP on [phi(x), z features] → score. The emotion enters by
@@ -46,8 +51,9 @@ Koyama: D must judge x *as* the emotion c), ``concat`` feeds embed(c) into the j
 Spectral norm (``spectral_norm``) wraps every D layer. Weights start at DCGAN's
 normal(0, 0.02). Cost is quadratic in width: use width 0.25-0.5 on CPU.
 Parameter counts (6 classes, z_dim 100, bicogan, defaults): width 1 — G 2,501,081,
-E 1,634,218, D 6,762,433; width 0.5 — G 1,087,001, E 653,322, D 1,710,049; width 0.25 —
-G 502,841, E 285,754, D 437,233 (``cbn`` G at width 1: 1,668,185; ``concat`` D: 7,286,721).
+E 3,934,794, D 6,762,433; width 0.5 — G 1,087,001, E 1,216,090, D 1,710,049; width 0.25 —
+G 502,841, E 420,258, D 437,233 (``cbn`` G at width 1: 1,668,185; ``concat`` D: 7,286,721; E with
+``e_emotion=shared``: 1,634,218 / 653,322 / 285,754 at width 1 / 0.5 / 0.25).
 
 ``paper`` — the seed paper's published Keras networks, layer for layer (``width``,
 ``spectral_norm`` and ``d_batchnorm`` do not apply; ``describe`` reports the effective
@@ -117,11 +123,12 @@ class ModelConfig:
     # ADC-GAN's classifier head on D's x features (``ours``, conditional kinds): 2K logits, real-k vs fake-k.
     # Trained by ``loss.adc_weight``; a head that knows about the generator, unlike a plain AC-GAN classifier.
     d_class_head: bool = False
-    # Where E's emotion logits come from (``ours``, bicogan): "shared" = a Linear head on the z trunk (three strided
-    # convs); "branch" = E's own deeper emotion branch (two 3x3 convs + BatchNorm per stage at C/2, C, 2C, 4C, max
-    # pooling, dropout), run only on the real view that E's emotion loss reads. The shallow trunk alone plateaued
-    # near 52% on FER2013 PrivateTest even trained as a plain classifier (README, quality benchmark).
-    e_emotion: Literal["shared", "branch"] = "shared"
+    # Where E's emotion logits come from (``ours`` with kind bicogan; ignored elsewhere, ``describe`` reports the
+    # effective value): "branch" = E's own deeper emotion branch (two 3x3 convs + BatchNorm per stage at C/2, C,
+    # 2C, 4C, max pooling, dropout), run only on the real view that E's emotion loss reads; "shared" = a Linear
+    # head on the z trunk (three strided convs), which plateaued near 52% on FER2013 PrivateTest even when trained
+    # alone as a classifier (README, quality benchmark).
+    e_emotion: Literal["shared", "branch"] = "branch"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -154,9 +161,6 @@ class ModelConfig:
                                   "d_batchnorm applies to arch=ours only")
         if self.d_class_head and (self.arch != "ours" or not self.conditional):
             raise ConfigError("model.d_class_head: applies to arch=ours with a conditional kind (cgan, bicogan)")
-        if self.e_emotion == "branch" and (self.arch != "ours" or self.kind != "bicogan"):
-            raise ConfigError("model.e_emotion: branch applies to arch=ours with kind=bicogan (the only kind whose "
-                              "encoder predicts the emotion)")
 
     @property
     def conditional(self) -> bool:
@@ -167,6 +171,11 @@ class ModelConfig:
     def bidirectional(self) -> bool:
         """An encoder E exists and D scores (x, z) tuples."""
         return self.kind in ("bigan", "bicogan")
+
+    @property
+    def emotion_branch(self) -> bool:
+        """E's emotion logits come from its own branch (``e_emotion=branch`` where it applies)."""
+        return self.arch == "ours" and self.kind == "bicogan" and self.e_emotion == "branch"
 
     @property
     def base_channels(self) -> int:
@@ -347,11 +356,11 @@ class OursEncoder(Encoder):
         C = cfg.base_channels
         self.features = _ours_conv_stack(C, "group", sn=False)
         self.z_head = nn.Linear(6 * 6 * 4 * C, cfg.z_dim)
-        shared = cfg.conditional and cfg.e_emotion == "shared"
+        shared = cfg.conditional and not cfg.emotion_branch
         self.c_head = nn.Linear(6 * 6 * 4 * C, num_classes) if shared else None
         _init_dcgan(self)
         # torch's default init (as when it was measured alone): BatchNorm follows every conv of the branch.
-        self.emotion = _emotion_branch(C, num_classes) if cfg.e_emotion == "branch" else None
+        self.emotion = _emotion_branch(C, num_classes) if cfg.emotion_branch else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.emotion is not None:
@@ -620,6 +629,7 @@ def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
         "bidirectional": cfg.bidirectional,
         "has_encoder": cfg.bidirectional,
         "encoder_emotion_head": cfg.kind == "bicogan",
+        "encoder_emotion": None if cfg.kind != "bicogan" else ("branch" if cfg.emotion_branch else "shared"),
         "base_channels": None if paper else cfg.base_channels,
         "spectral_norm": False if paper else cfg.spectral_norm,
         "d_batchnorm": False if paper else cfg.d_batchnorm,

@@ -278,6 +278,9 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             b = x.shape[0]
             gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank))
             z = torch.randn(b, cfg.model.z_dim, device=device, generator=gen)
+            # The global RNG (dropout in E's emotion branch) restarts from (seed, step, rank) like every other draw,
+            # so a resumed run draws the same masks whatever used it before (memory-format timing, evaluation).
+            torch.manual_seed(step_seed(cfg.train.seed, step, rank, "global"))
             want_norm = (step + 1) % cfg.log.log_every == 0 or step + 1 == cfg.train.max_steps
 
             # One forward of G and E, shared by both updates.
