@@ -326,10 +326,12 @@ class Encoder(nn.Module):
     """
 
     def encode_z(self, x: torch.Tensor) -> torch.Tensor:
+        """E_z(x) alone (the latent cycle's fakes)."""
         return self(x)[0]
 
     def encode_views(self, x: torch.Tensor, x_emotion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(E_z(x), E_c(x_emotion)) in one call over both views."""
+        """(E_z(x), E_c(x_emotion)) in one call over both views: GroupNorm (``ours``) is per sample; the
+        paper E's BatchNorm sees both views."""
         z_both, c_both = self(torch.cat([x, x_emotion]))
         return z_both[:x.shape[0]], (None if c_both is None else c_both[x.shape[0]:])
 
