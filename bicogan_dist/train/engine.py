@@ -64,6 +64,12 @@ class AccelerateEngine(Engine):
             # After the DDP wrap, as DDP recommends (its optimizer splits graphs at bucket boundaries so
             # communication overlaps the backward); unwrap() still reaches the plain modules, so
             # checkpoints hold plain keys and a compiled run resumes uncompiled and back.
+            # fallback_random: compiled dropout (E's emotion branch) draws from the eager generator, as
+            # eager would, so a compiled run equals an eager one and resumes across compile on/off; inductor's
+            # own random kernels would draw other masks.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
             self.ge, self.d = torch.compile(self.ge), torch.compile(self.d)
 
     # -- facts about the process group -------------------------------------------------
