@@ -274,12 +274,17 @@ def require_encoder(model: ExportedModel) -> None:
 
 
 def transfer_panel(model: ExportedModel, faces: Faces, classes: Sequence[int] | None = None,
-                   batch_size: int = 256) -> Panel:
-    """Rows: faces; columns: the face, G(E(x)), then G(E_z(x), c') per target emotion c'."""
+                   batch_size: int = 256, truncation: float = 1.0) -> Panel:
+    """Rows: faces; columns: the face, G(E(x)), then G(E_z(x), c') per target emotion c'.
+
+    ``truncation`` psi < 1 decodes psi * E_z(x): the encoded face pulled toward the mean, which shows the
+    target emotion more clearly (README, section 5, for what it costs in likeness).
+    """
     require_encoder(model)
     if faces.images.shape[0] == 0:
         raise SampleError("--transfer: no faces to encode")
     z_hat, logits = encode(model, faces.images, batch_size)
+    z_hat = truncate(z_hat, truncation)
     k = z_hat.shape[0]
     predicted = logits.argmax(1) if logits is not None else None
     recon = generate(model, z_hat, predicted, batch_size)
@@ -423,8 +428,6 @@ def run(args: SampleRequest) -> Path:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SampleError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if args.transfer is not None and args.truncation != 1:
-        raise SampleError("--truncation applies to faces drawn from noise; --transfer edits encoded faces")
     model = load_export(args.export, device=device)
     emotions = [e for e in args.emotions.split(",") if e.strip()] if args.emotions else None
     if emotions and not model.conditional:
@@ -441,7 +444,8 @@ def run(args: SampleRequest) -> Path:
                                     args.truncation)
     elif args.transfer is not None:
         require_encoder(model)  # before reading any input
-        panel = transfer_panel(model, read_faces(args.transfer, args.limit), classes, args.batch_size)
+        panel = transfer_panel(model, read_faces(args.transfer, args.limit), classes, args.batch_size,
+                               args.truncation)
     else:
         panel = grid_panel(model, parse_seeds(args.seeds or "8"), classes, args.batch_size, args.truncation)
     return save_panel(panel, args.out)

@@ -150,10 +150,15 @@ def test_truncated_evaluation_draws_from_scaled_noise_and_says_so(built):
                            truncation=0.5)
     assert plain["settings"]["truncation"] == 1.0 and half["settings"]["truncation"] == 0.5
     assert "drawn from z x 0.5" in markdown_summary(half) and "drawn from z x" not in markdown_summary(plain)
-    # faces drawn from noise change; encoded faces (encoder, reconstruction, transfer) never use truncation
-    assert half["fid"] != plain["fid"]
-    for key in ("encoder_accuracy", "reconstruction", "emotion_transfer"):
-        assert half[key] == plain[key]
+    # G decodes psi * z everywhere: drawn faces, reconstruction and transfer change; E's accuracy does not
+    assert half["fid"] != plain["fid"] and half["encoder_accuracy"] == plain["encoder_accuracy"]
+    assert half["reconstruction"]["mae_grey_levels"] != plain["reconstruction"]["mae_grey_levels"]
+    ev = Evaluator(clf, real, truncation=0.5)
+    z_hat, logits = ev.encode(exported.E, real.test_x)
+    with torch.no_grad():
+        recon = to_uint8(exported.G(0.5 * z_hat, logits.argmax(1))).float()
+    assert ev.reconstruction_and_transfer(exported.G, exported.E, True)["reconstruction"]["mae_grey_levels"] \
+        == pytest.approx(float((recon - real.test_x.float()).abs().mean()), abs=1e-3)
 
 
 def test_training_evaluator_returns_flat_scalars(built):
@@ -357,6 +362,15 @@ def test_bench_quality_end_to_end_on_a_tiny_budget(built, tmp_path):
     # the second call reuses both rows
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("reusing") == 2 and "] training " not in again.stdout
+    # a report of an older evaluation version is measured again from the export, without training
+    old = out / "before" / "report_psi0.5.json"
+    stale = json.loads(old.read_text())
+    old.write_text(json.dumps(dict(stale, version=1, seconds=-1.0)))
+    third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and third.stdout.count("reusing") == 2 and "] training " not in third.stdout
+    fresh = json.loads(old.read_text())
+    assert fresh["version"] == 2 and fresh["seconds"] >= 0
+    assert fresh["emotion_transfer"] == stale["emotion_transfer"]  # deterministic: the same numbers again
 
 
 def test_every_quality_preset_row_is_a_valid_config():

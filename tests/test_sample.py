@@ -223,6 +223,15 @@ def test_transfer_from_image_folder_and_file(exports, models, tmp_path):
         z_hat, logits = model.E(to_model_range(faces.images))
     assert close(grid[:, 1], generate(model, z_hat, logits.argmax(1)))
     assert close(grid[:, 2 + 4], generate(model, z_hat, torch.full((3,), 4)))
+    # --truncation decodes psi * E_z(x) in the reconstruction and every target column; the input stays
+    assert sample_main([str(exports["bicogan"]), "--transfer", str(faces_dir), "--out", str(tmp_path / "t05.png"),
+                        "--device", "cpu", "--truncation", "0.5"]) == 0
+    assert Image.open(tmp_path / "t05.png").size == Image.open(out).size
+    half = transfer_panel(model, faces, truncation=0.5).images.view(3, 2 + N_CLS, 1, 48, 48)
+    assert torch.equal(half[:, 0], faces.images)
+    assert close(half[:, 1], generate(model, 0.5 * z_hat, logits.argmax(1)))
+    assert close(half[:, 2 + 4], generate(model, 0.5 * z_hat, torch.full((3,), 4)))
+    assert not close(half[:, 2 + 4], grid[:, 2 + 4])
 
     single = read_faces(str(faces_dir / "b.jpg"))
     assert single.images.shape == (1, 1, 48, 48)
@@ -305,13 +314,9 @@ def test_truncation_pulls_z_toward_the_mean_in_grids_and_per_class(exports, mode
     with torch.inference_mode():
         want = to_uint8(models["bicogan"].G(0.5 * seed_noise([0], Z_DIM), torch.tensor([0])))[0, 0].numpy()
     assert np.abs(first.astype(int) - want.astype(int)).max() <= 1
-    # bad values are usage errors naming the flag; --transfer refuses it
+    # bad values are usage errors naming the flag
     for bad in ("0", "1.5"):
         with pytest.raises(SystemExit) as exc:
             sample_main([str(exports["bicogan"]), "--truncation", bad, "--out", str(tmp_path / "x.png")])
         assert exc.value.code == 2 and "--truncation must be in (0, 1]" in capsys.readouterr().err
-    with pytest.raises(SampleError, match="--truncation applies to faces drawn from noise"):
-        from bicogan_dist.sample import SampleRequest, run
-        run(SampleRequest(export=str(exports["bicogan"]), out=str(tmp_path / "t.png"), transfer=str(tmp_path),
-                          truncation=0.5, device="cpu"))
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "t.png").exists()
+    assert not (tmp_path / "x.png").exists()

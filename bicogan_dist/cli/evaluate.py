@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-limit", type=int, default=None,
                    help="encode/transfer only the first N held-out faces (default all)")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
-                   help="draw the generated faces from z * PSI, PSI in (0, 1] (the truncation trick; default 1: "
-                        "none). Encoded faces (encoder accuracy, reconstruction, transfer) are never truncated")
+                   help="G decodes z * PSI, PSI in (0, 1] (the truncation trick; default 1: none): the drawn "
+                        "faces and, for reconstruction and transfer, the encoded E_z(x); the encoder's accuracy "
+                        "is unchanged")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
-                   help="draw z * PSI, PSI in (0, 1]: less variety within an emotion, clearer emotions (the "
-                        "truncation trick; default 1 = no truncation; README, section 7)")
+                   help="decode z * PSI, PSI in (0, 1]: less variety within an emotion, clearer emotions (the "
+                        "truncation trick; default 1 = no truncation; README, section 5). With --transfer the "
+                        "encoded z: a clearer target emotion, a little less likeness")
     return p
 
 

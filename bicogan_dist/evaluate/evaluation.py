@@ -16,6 +16,9 @@ Measures (each null where the model kind cannot have it):
 - reconstruction error of x → E → G(E_z(x), argmax E_c(x)) on the held-out split;
 - emotion transfer: the classifier's accuracy on G(E_z(x), c') for every target c'.
 
+With a truncation psi < 1 G decodes psi * z everywhere: drawn noise and encoded E_z(x) alike (the
+encoder's emotion accuracy does not change).
+
 Determinism: noise comes from a CPU ``torch.Generator`` seeded with ``seed``, real images
 are read in manifest order, KID subsets come from a seeded numpy generator.
 """
@@ -37,7 +40,7 @@ from bicogan_dist.imaging import to_model_range, to_uint8
 from bicogan_dist.models.networks import check_truncation, truncate
 
 REPORT_FORMAT = "bicogan_dist.evaluation"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: the truncation psi also pulls encoded z (reconstruction, transfer)
 
 
 def default_split(shards: str | Path) -> str:
@@ -126,7 +129,8 @@ class Evaluator:
                  batch_size: int = 256, kid_subsets: int = 100, kid_subset_size: int = 1000,
                  transfer_limit: int | None = None, truncation: float = 1.0) -> None:
         self.clf, self.real = classifier, real
-        # faces drawn from noise use z * truncation (encoded faces never); a bad psi fails before any measurement
+        # G decodes z * truncation, z drawn or encoded (reconstruction, transfer); a bad psi fails before any
+        # measurement
         self.truncation = check_truncation(truncation)
         self.num_samples, self.seed, self.batch_size = num_samples, seed, batch_size
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
@@ -253,6 +257,7 @@ class Evaluator:
         if self.transfer_limit is not None:
             x = x[: self.transfer_limit]
         z_hat, logits = self.encode(E, x)
+        z_hat = truncate(z_hat, self.truncation)  # the same psi as the drawn faces (sample_images --transfer)
         device = next(G.parameters()).device
         recon, moved = [], []
         with _Modes(G):

@@ -19,9 +19,10 @@ row per emotion, one column per seed). Columns:
 Presets fix the budget and the rows (``PRESETS``); ``--rows`` picks a subset. Each row lives
 in ``OUT/<row>/`` (``run/``, ``export/``, ``report.json`` + ``.md``, ``grid.png``,
 ``train.log``); a row whose report exists with the same steps, overrides and classifier is
-reused, so an interrupted benchmark continues. ``quality.md`` / ``quality.json`` cover the call.
+reused, so an interrupted benchmark continues (a report of an older evaluation version is measured again
+from the row's export, without training). ``quality.md`` / ``quality.json`` cover the call.
 A preset's ``truncations`` (``--truncation``) add a row per psi < 1 for every run: the same export with
-its faces drawn from z * psi (``report_psi<psi>.json``, ``grid_psi<psi>.png``), no training.
+G decoding z * psi, drawn or encoded (``report_psi<psi>.json``, ``grid_psi<psi>.png``), no training.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ _ABLATIONS = (
     Row("adc", "quickstart", ADC,
         "ADC-GAN's real-k / fake-k head on D"),
     Row("cgan", "quickstart", ("model.kind=cgan",), "cGAN (no encoder) with the same recipe"),
+    Row("e_branch", "quickstart", ("model.e_emotion=branch",),
+        "E's own emotion branch (bicogan.yaml's default) instead of the quick start's shared head"),
 )
 
 PRESETS: dict[str, Preset] = {
@@ -334,14 +337,15 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
             log(f"[{row.name}] reusing {report_json}")
         for psi in truncations:
             psi_json = report_json if psi == 1 else folder / f"report_psi{psi:g}.json"
-            if not psi_json.is_file():  # the same export, its faces drawn from z * psi
+            if not _current_report(psi_json):  # the same export, decoding z * psi; older reports re-measured
                 if real is None:
                     real = RealData.load(shards, split, clf)
                 if exported is None:
                     exported = load_export(folder / "export", device_t)
                 write_report(evaluate_export(exported, shards, clf, num_samples=num_samples, split=split,
                                              device=device_t, seed=seed, real=real, truncation=psi), psi_json)
-                save_panel(grid_panel(exported, list(range(8)), truncation=psi), folder / f"grid_psi{psi:g}.png")
+                save_panel(grid_panel(exported, list(range(8)), truncation=psi),
+                           folder / ("grid.png" if psi == 1 else f"grid_psi{psi:g}.png"))
             summary = summarise(row, json.loads(psi_json.read_text()), bench)
             if psi != 1:
                 summary.update(grid=str(folder / f"grid_psi{psi:g}.png"), report=str(psi_json))
@@ -357,6 +361,13 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
     (out / "quality.json").write_text(json.dumps({"meta": result.meta, "rows": result.rows}, indent=2) + "\n")
     (out / "quality.md").write_text(quality_markdown(result))
     return result
+
+
+def _current_report(path: Path) -> bool:
+    """A report of this evaluation's version: one made by an older version is measured again from the export."""
+    from bicogan_dist.evaluate.evaluation import REPORT_VERSION
+
+    return path.is_file() and json.loads(path.read_text()).get("version") == REPORT_VERSION
 
 
 def _pct(v: float | None) -> str:

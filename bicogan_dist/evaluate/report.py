@@ -55,7 +55,8 @@ def markdown_summary(report: dict[str, Any]) -> str:
              f"Model kind `{report['export']['kind']}`, step {report['export'].get('step')}, z dim "
              f"{report['export']['z_dim']}; held-out split **{split}**; seed {s['seed']}; "
              f"{s['num_samples_per_class']} generated faces per emotion"
-             + (f", drawn from z x {s['truncation']:g} (truncation: less variety, clearer emotions)"
+             + (f", drawn from z x {s['truncation']:g} (truncation: less variety, clearer emotions); "
+                f"reconstruction and transfer decode E_z(x) x {s['truncation']:g}"
                 if s.get("truncation", 1) != 1 else "") + ".", "",
              f"**Feature space of FID/KID:** {report['feature_space']}.", ""]
     clf = report["classifier"]
