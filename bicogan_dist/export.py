@@ -97,12 +97,11 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) ->
 
 
 def _model_config(data: Any, where: str):
-    from bicogan_dist.models.networks import ModelConfig
+    from bicogan_dist.models.networks import ModelConfig, with_fields_added_later
 
     if not isinstance(data, dict):
         raise ExportError(f"{where}: no 'model' section (the ModelConfig of the run)")
-    # Sections written before conditioning was an option describe networks that concatenated the emotion.
-    data = {"g_conditioning": "concat", "d_conditioning": "concat", **data}
+    data = with_fields_added_later(data)  # a section older than an option describes the networks it built
     try:
         return from_dict(ModelConfig, data)
     except ConfigError as exc:

@@ -123,6 +123,27 @@ def test_round_trip_keeps_either_emotion_path_of_the_encoder(e_emotion, tmp_path
         assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
 
 
+def test_exports_and_checkpoints_written_before_the_emotion_branch_load_as_shared(tmp_path):
+    """Their model sections have no ``e_emotion``: they built the shared head, whatever today's default is."""
+    ref = make_checkpoint(tmp_path / "run", "bicogan", e_emotion="shared")
+    state_path = ref["folder"] / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["model"]["e_emotion"]
+    state_path.write_text(json.dumps(state))
+    assert convert_main([str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    meta_path = tmp_path / "export" / "export.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["model"]["e_emotion"] == "shared"  # the export states what it holds
+    del meta["model"]["e_emotion"]
+    meta_path.write_text(json.dumps(meta))
+    model = load_export(tmp_path / "export")
+    assert model.model.e_emotion == "shared" and model.E.emotion is None
+    x = torch.rand(3, 1, 48, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.inference_mode():
+        for a, b in zip(model.E(x), ref["E"](x)):
+            assert torch.equal(a, b)
+
+
 def test_export_json_describes_the_model(bicogan):
     from bicogan_dist.models.networks import describe
 

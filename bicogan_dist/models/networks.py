@@ -644,12 +644,19 @@ def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
     }
 
 
+#: What a model section written before an option existed built: the emotion concatenated in G and D (before
+#: the conditioning options), E's emotion read by a head on its z trunk (before ``e_emotion``). Readers of
+#: saved model sections (exports, checkpoints) fill the missing keys from here, not from today's defaults.
+FIELDS_ADDED_LATER: dict[str, Any] = {"g_conditioning": "concat", "d_conditioning": "concat", "e_emotion": "shared"}
+
+
+def with_fields_added_later(section: dict[str, Any]) -> dict[str, Any]:
+    """A saved ModelConfig section with the keys it predates filled with what its networks were."""
+    return {**FIELDS_ADDED_LATER, **section}
+
+
 def config_from_description(desc: dict[str, Any]) -> ModelConfig:
     """Inverse of ``describe(...)["config"]``: the ModelConfig that rebuilds the same networks."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = dict(desc.get("config", desc))
-    # Written before conditioning was an option: those networks concatenated the emotion in G and D.
-    cfg.setdefault("g_conditioning", "concat")
-    cfg.setdefault("d_conditioning", "concat")
-    cfg.setdefault("e_emotion", "shared")  # written before E had an emotion branch
+    cfg = with_fields_added_later(dict(desc.get("config", desc)))
     return ModelConfig(**{k: v for k, v in cfg.items() if k in names})
