@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu or cuda: where rows train (unless --launch) and are evaluated (default cuda when available)")
     p.add_argument("--rerun", action="store_true", help="discard earlier results in --out")
     p.add_argument("--truncation", default=None, metavar="PSI[,PSI...]",
-                   help="also evaluate every row with its faces drawn from z * PSI (the truncation trick; a row "
-                        "per PSI; default the preset's: 1 for synthetic, 1,0.7,0.6 for fer2013)")
+                   help="also evaluate every row with G decoding z * PSI, drawn and encoded (the truncation "
+                        "trick; a row per PSI; default the preset's: 1 for synthetic, 1,0.8,0.7,0.6 for fer2013)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every row's training")
     args = p.parse_intermixed_args(argv)
     import torch

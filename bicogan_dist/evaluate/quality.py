@@ -68,8 +68,9 @@ class Preset:
     overrides: tuple[str, ...] = ()  # added to every row (the budget's batch size, precision, ...)
     num_samples: int = 200  # generated faces per emotion
     description: str = ""
-    # Every row is also evaluated with its faces drawn from z * psi for each psi here besides 1 (the truncation
-    # trick), reusing the row's export: a row per psi, with the diversity it keeps beside the accuracy it buys.
+    # Every row is also evaluated with G decoding z * psi (drawn and encoded) for each psi here besides 1 (the
+    # truncation trick), reusing the row's export: a row per psi, with the diversity it keeps beside the accuracy
+    # it buys.
     truncations: tuple[float, ...] = (1.0,)
 
 
