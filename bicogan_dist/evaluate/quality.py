@@ -340,16 +340,18 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
             log(f"[{row.name}] reusing {report_json}")
         for psi in truncations:
             psi_json = report_json if psi == 1 else folder / f"report_psi{psi:g}.json"
-            if not _current_report(psi_json):  # the same export, decoding z * psi; older reports re-measured
+            report = _current_report(psi_json)
+            if report is None:  # the same export, decoding z * psi; older reports re-measured
                 if real is None:
                     real = RealData.load(shards, split, clf)
                 if exported is None:
                     exported = load_export(folder / "export", device_t)
-                write_report(evaluate_export(exported, shards, clf, num_samples=num_samples, split=split,
-                                             device=device_t, seed=seed, real=real, truncation=psi), psi_json)
+                report = evaluate_export(exported, shards, clf, num_samples=num_samples, split=split,
+                                         device=device_t, seed=seed, real=real, truncation=psi)
+                write_report(report, psi_json)
                 save_panel(grid_panel(exported, list(range(8)), truncation=psi),
                            folder / ("grid.png" if psi == 1 else f"grid_psi{psi:g}.png"))
-            summary = summarise(row, json.loads(psi_json.read_text()), bench)
+            summary = summarise(row, report, bench)
             if psi != 1:
                 summary.update(grid=str(folder / f"grid_psi{psi:g}.png"), report=str(psi_json))
             result.rows.append(summary)
@@ -366,11 +368,15 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
     return result
 
 
-def _current_report(path: Path) -> bool:
-    """A report of this evaluation's version: one made by an older version is measured again from the export."""
+def _current_report(path: Path) -> dict[str, Any] | None:
+    """The report at ``path`` if it is of this evaluation's version; None when it is missing or older (an
+    older one is measured again from the export)."""
     from bicogan_dist.evaluate.evaluation import REPORT_VERSION
 
-    return path.is_file() and json.loads(path.read_text()).get("version") == REPORT_VERSION
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("version") == REPORT_VERSION else None
 
 
 def _pct(v: float | None) -> str:
