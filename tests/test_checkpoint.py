@@ -9,6 +9,7 @@ write that fails during a save (a full disk) names the folder and leaves the las
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import resource
@@ -110,6 +111,32 @@ def test_weights_of_other_shapes_name_their_file(run_copy):
     assert proc.returncode == 2
     assert f"error: {target}: weights do not match the model of this config ({key}: file (3, 3)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_older_than_an_option_resumes_as_the_networks_it_trained(trained, tmp_path):
+    """A state.json written before model.e_emotion existed lacks the key: it reads as the shared head it
+    trained, so the run resumes with model.e_emotion=shared; with today's default (branch) the error names
+    the key, both values and the override to add, instead of failing on missing weights."""
+    _, shards = trained
+    run = tmp_path / "run"
+    proc = train(run, shards, 1, "model.e_emotion=shared")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state_file = ckpt.checkpoint_root(run) / "checkpoint-00000001" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["model"].pop("e_emotion") == "shared"
+    state_file.write_text(json.dumps(state))
+
+    proc = train(run, shards, 2, "--resume", "latest")
+    assert proc.returncode == 2
+    assert (f"error: model: the config's model section differs from the checkpoint's "
+            f"({state_file.parent}): model.e_emotion (checkpoint: 'shared', config: 'branch'); resume with the "
+            f"run's own settings, e.g. add model.e_emotion=shared") in proc.stderr
+    assert "Traceback" not in proc.stderr and not (ckpt.checkpoint_root(run) / "checkpoint-00000002").exists()
+
+    proc = train(run, shards, 2, "--resume", "latest", "model.e_emotion=shared")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting at step 1" in proc.stdout + proc.stderr
+    assert (ckpt.checkpoint_root(run) / "checkpoint-00000002" / "state.json").is_file()
 
 
 def test_a_second_run_on_a_folder_in_use_stops_and_a_stale_lock_is_taken_over(run_copy):

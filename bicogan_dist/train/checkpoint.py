@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -325,20 +326,44 @@ def _without_layout(section: Any) -> Any:
     return {k: v for k, v in section.items() if k != "channels_last"} if isinstance(section, dict) else section
 
 
+def model_differences(saved: Any, model_section: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint's value, config's value)`` for each model key a resume would change.
+
+    A checkpoint written before an option existed lacks its key; it is read as the networks it
+    trained then (``networks.FIELDS_ADDED_LATER``), not as today's default. ``channels_last`` is a
+    memory layout, not part of what was trained, and is never compared.
+    """
+    from bicogan_dist.models.networks import with_fields_added_later
+
+    saved = _without_layout(with_fields_added_later(saved if isinstance(saved, dict) else {}))
+    now = _without_layout(model_section)
+    return [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def _override_value(value: Any) -> str:
+    """``value`` as a ``key=value`` override spells it (lists and booleans in YAML's flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return text.replace(", ", ",") if isinstance(value, (list, tuple)) else text
+
+
 def load(folder: Path, engine: Engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
     """Restore engine units, EMA and this rank's RNG from ``folder``; returns the step.
 
     The model section must equal the checkpoint's (a resumed run is the same experiment), except
-    ``channels_last``: the saved tensors are contiguous whatever layout trained them. The engine
+    ``channels_last``: the saved tensors are contiguous whatever layout trained them; the error names
+    each differing key (:func:`model_differences`). The engine
     must match too; a different process count resumes with a warning.
     """
     folder = Path(folder)
     state = read_state(folder)
-    if _without_layout(state.get("model")) != _without_layout(model_section):
+    differences = model_differences(state.get("model"), model_section)
+    if differences:
         from bicogan_dist.config import ConfigError
 
-        raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}); "
-                          f"resume with the run's own config.yaml")
+        listed = "; ".join(f"model.{k} (checkpoint: {saved!r}, config: {now!r})" for k, saved, now in differences)
+        overrides = " ".join(f"model.{k}={_override_value(saved)}" for k, saved, _ in differences)
+        raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}): {listed}; "
+                          f"resume with the run's own settings, e.g. add {overrides}")
     if state.get("engine", "ddp") != engine.name:
         from bicogan_dist.config import ConfigError
 
