@@ -155,6 +155,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def format_override(key: str, value: Any) -> str:
+    """The ``key=value`` override that :func:`parse_overrides` reads back as ``value`` (YAML flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return f"{key}={text.replace(', ', ',') if isinstance(value, (list, tuple)) else text}"
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for k, v in update.items():

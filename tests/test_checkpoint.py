@@ -116,7 +116,8 @@ def test_weights_of_other_shapes_name_their_file(run_copy):
 def test_a_checkpoint_older_than_an_option_resumes_as_the_networks_it_trained(trained, tmp_path):
     """A state.json written before model.e_emotion existed lacks the key: it reads as the shared head it
     trained, so the run resumes with model.e_emotion=shared; with today's default (branch) the error names
-    the key, both values and the override to add, instead of failing on missing weights."""
+    the key, both values and the override to add (it used to point at the run's config.yaml, which lacks
+    the key too)."""
     _, shards = trained
     run = tmp_path / "run"
     proc = train(run, shards, 1, "model.e_emotion=shared")

@@ -134,3 +134,12 @@ def test_error_lines_of_concurrent_processes_never_merge():
     assert len(lines) == 3000
     assert all(line.startswith("error: rank ") and line.endswith("x" * 300) and line.count("error:") == 1
                for line in lines)
+
+
+@pytest.mark.parametrize("value", ["shared", True, 0.5, 64, ["translation", "cutout"], [], None])
+def test_format_override_round_trips_through_parse_overrides(value):
+    from bicogan_dist.config import format_override, parse_overrides
+
+    text = format_override("loss.efl_augment", value)
+    assert " " not in text  # one shell word
+    assert parse_overrides([text]) == {"loss": {"efl_augment": value}}

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -340,28 +339,22 @@ def model_differences(saved: Any, model_section: dict[str, Any]) -> list[tuple[s
     return [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
-def _override_value(value: Any) -> str:
-    """``value`` as a ``key=value`` override spells it (lists and booleans in YAML's flow style)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-    return text.replace(", ", ",") if isinstance(value, (list, tuple)) else text
-
-
 def load(folder: Path, engine: Engine, G_ema: torch.nn.Module, model_section: dict[str, Any]) -> int:
     """Restore engine units, EMA and this rank's RNG from ``folder``; returns the step.
 
     The model section must equal the checkpoint's (a resumed run is the same experiment), except
     ``channels_last``: the saved tensors are contiguous whatever layout trained them; the error names
-    each differing key (:func:`model_differences`). The engine
-    must match too; a different process count resumes with a warning.
+    each differing key (:func:`model_differences`). The engine must match too; a different process
+    count resumes with a warning.
     """
     folder = Path(folder)
     state = read_state(folder)
     differences = model_differences(state.get("model"), model_section)
     if differences:
-        from bicogan_dist.config import ConfigError
+        from bicogan_dist.config import ConfigError, format_override
 
         listed = "; ".join(f"model.{k} (checkpoint: {saved!r}, config: {now!r})" for k, saved, now in differences)
-        overrides = " ".join(f"model.{k}={_override_value(saved)}" for k, saved, _ in differences)
+        overrides = " ".join(format_override(f"model.{k}", saved) for k, saved, _ in differences)
         raise ConfigError(f"model: the config's model section differs from the checkpoint's ({folder}): {listed}; "
                           f"resume with the run's own settings, e.g. add {overrides}")
     if state.get("engine", "ddp") != engine.name:
