@@ -137,6 +137,7 @@ PRESETS: dict[str, Preset] = {
               Row("adc", "bicogan", ADC,
                   "ADC-GAN's real-k / fake-k head on D"),
               Row("g_cbn", "bicogan", ("model.g_conditioning=cbn",), "class-conditional BatchNorm in G"),
+              Row("diffaugment", "bicogan", ("loss.diffaugment=[translation,cutout]",), "DiffAugment on D's inputs"),
               Row("before", "bicogan", BEFORE),
               # The paper's networks at batch 128 ran 24.2 images/s in bf16 in one process here
               # (tools/bench_train.py): 30 minutes are 340 of its steps there; with the preset's two processes each
