@@ -99,6 +99,44 @@ def test_projection_gradient_reaches_the_class_embedding():
     assert emb is not None and emb.abs().sum() > 0
 
 
+@pytest.mark.parametrize("spectral_norm, d_batchnorm", [(True, False), (False, True)])
+def test_deeper_d_adds_a_3x3_conv_per_stage_keeps_shapes_and_trains_every_conv(spectral_norm, d_batchnorm):
+    """``model.d_depth=2``: after each 4x4 stride-2 conv a 3x3 stride-1 conv of the same width (SNGAN's CNN D),
+    with D's spectral norm or BatchNorm on it too; the x features keep their size, so nothing else changes."""
+    cfg1, one = models(spectral_norm=spectral_norm, d_batchnorm=d_batchnorm)
+    cfg2, two = models(d_depth=2, spectral_norm=spectral_norm, d_batchnorm=d_batchnorm)
+    convs = [m for m in two.D.x_net if isinstance(m, torch.nn.Conv2d)]
+    C = cfg2.base_channels
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in convs] == [
+        (1, C, (4, 4), (2, 2)), (C, C, (3, 3), (1, 1)), (C, 2 * C, (4, 4), (2, 2)), (2 * C, 2 * C, (3, 3), (1, 1)),
+        (2 * C, 4 * C, (4, 4), (2, 2)), (4 * C, 4 * C, (3, 3), (1, 1))]
+    assert [m for m in one.D.x_net if isinstance(m, torch.nn.Conv2d)][0].stride == (2, 2)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in one.D.x_net) == 3
+    assert all(hasattr(m, "parametrizations") == spectral_norm for m in convs)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in two.D.x_net) == (5 if d_batchnorm else 0)
+    assert two.E.features[0].stride == (2, 2) and sum(  # E's z trunk is not D's: unchanged
+        isinstance(m, torch.nn.Conv2d) for m in two.E.features) == 3
+    x, z = torch.rand(4, 1, 48, 48) * 2 - 1, torch.randn(4, 16)
+    c = F.one_hot(torch.arange(4) % N_CLS, N_CLS).float()
+    assert two.D.x_net(x).shape == one.D.x_net(x).shape == (4, 8 * C)
+    two.D(x, z, c).sum().backward()
+    for m in convs:
+        w = m.parametrizations.weight.original if spectral_norm else m.weight
+        assert w.grad is not None and w.grad.abs().sum() > 0
+    emb = two.D.c_net.parametrizations.weight.original if spectral_norm else two.D.c_net.weight
+    assert emb.grad.abs().sum() > 0  # the projection still trains
+
+
+def test_d_depth_validated_and_old_sections_read_as_one_conv_per_stage():
+    for bad in (0, 5, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=f"model.d_depth must be an integer from 1 to 4 .*got {bad!r}"):
+            ModelConfig(d_depth=bad)
+    desc = describe(ModelConfig(width=0.25, d_depth=2), N_CLS)
+    assert config_from_description(desc).d_depth == 2
+    old = {k: v for k, v in desc["config"].items() if k != "d_depth"}  # written before the option
+    assert config_from_description({"config": old}).d_depth == 1
+
+
 def test_concat_d_feeds_c_into_the_joint_mlp():
     cfg, m = models(d_conditioning="concat")
     assert m.D.joint[0].in_features == 3 * 8 * cfg.base_channels

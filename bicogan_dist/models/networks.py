@@ -129,6 +129,11 @@ class ModelConfig:
     # head on the z trunk (three strided convs), which plateaued near 52% on FER2013 PrivateTest even when trained
     # alone as a classifier (README, quality benchmark).
     e_emotion: Literal["shared", "branch"] = "branch"
+    # Convolutions per stage of D's x stack (``ours``): 1 = one 4x4 stride-2 conv per stage (48→24→12→6, the
+    # same shape as E's z trunk, which read FER2013's emotions at about 50% when trained as a classifier);
+    # 2 = a 3x3 stride-1 conv after each (SNGAN's standard CNN D): D's projection term can only ask G for
+    # the emotions D's features tell apart.
+    d_depth: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -141,6 +146,8 @@ class ModelConfig:
                 or not math.isfinite(self.width) or self.width <= 0:
             raise ConfigError(f"model.width must be a number > 0, got {self.width!r}")
         self.width = float(self.width)
+        if isinstance(self.d_depth, bool) or not isinstance(self.d_depth, int) or not 1 <= self.d_depth <= 4:
+            raise ConfigError(f"model.d_depth must be an integer from 1 to 4 (convs per stage of D), got {self.d_depth!r}")
         if isinstance(self.mbstd_group, bool) or not isinstance(self.mbstd_group, int) or self.mbstd_group < 0:
             raise ConfigError(f"model.mbstd_group must be an integer >= 0 (0 = off), got {self.mbstd_group!r}")
         if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
@@ -302,17 +309,22 @@ class OursGenerator(nn.Module):
         return torch.tanh(self.to_img(h))
 
 
-def _ours_conv_stack(C: int, norm: str, sn: bool) -> nn.Sequential:
-    """48→24→12→6 with 4x4 stride-2 convs (1→C→2C→4C), LeakyReLU(0.2); no norm after the first."""
+def _ours_conv_stack(C: int, norm: str, sn: bool, depth: int = 1) -> nn.Sequential:
+    """48→24→12→6 with 4x4 stride-2 convs (1→C→2C→4C), each followed by ``depth - 1`` 3x3 stride-1 convs;
+    LeakyReLU(0.2) after every conv, the norm after every conv but the first."""
     wrap = _spectral_norm if sn else (lambda m: m)
     layers: list[nn.Module] = []
     for i, (cin, cout) in enumerate(((1, C), (C, 2 * C), (2 * C, 4 * C))):
-        layers.append(wrap(nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=(i == 0 or norm == "none"))))
-        if i > 0 and norm == "group":
-            layers.append(nn.GroupNorm(_groups(cout), cout))
-        elif i > 0 and norm == "batch":
-            layers.append(nn.BatchNorm2d(cout))
-        layers.append(nn.LeakyReLU(0.2, True))
+        for j in range(depth):
+            first = i == 0 and j == 0
+            conv = (nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=(first or norm == "none")) if j == 0
+                    else nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"))
+            layers.append(wrap(conv))
+            if not first and norm == "group":
+                layers.append(nn.GroupNorm(_groups(cout), cout))
+            elif not first and norm == "batch":
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.LeakyReLU(0.2, True))
     layers.append(nn.Flatten())
     return nn.Sequential(*layers)
 
@@ -414,7 +426,7 @@ class OursDiscriminator(nn.Module):
         C, H, self.kind, self.num_classes = cfg.base_channels, 8 * cfg.base_channels, cfg.kind, num_classes
         sn = _spectral_norm if cfg.spectral_norm else (lambda m: m)
         lrelu = lambda: nn.LeakyReLU(0.2, True)  # noqa: E731
-        convs = list(_ours_conv_stack(C, "batch" if cfg.d_batchnorm else "none", cfg.spectral_norm))[:-1]
+        convs = list(_ours_conv_stack(C, "batch" if cfg.d_batchnorm else "none", cfg.spectral_norm, cfg.d_depth))[:-1]
         extra = 1 if cfg.mbstd_group > 0 else 0
         self.x_net = nn.Sequential(
             *convs, *([MinibatchStd(cfg.mbstd_group)] if extra else []), nn.Flatten(),
@@ -645,9 +657,11 @@ def describe(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
 
 
 #: What a model section written before an option existed built: the emotion concatenated in G and D (before
-#: the conditioning options), E's emotion read by a head on its z trunk (before ``e_emotion``). Readers of
+#: the conditioning options), E's emotion read by a head on its z trunk (before ``e_emotion``), one conv per
+#: stage of D (before ``d_depth``). Readers of
 #: saved model sections (exports, checkpoints) fill the missing keys from here, not from today's defaults.
-FIELDS_ADDED_LATER: dict[str, Any] = {"g_conditioning": "concat", "d_conditioning": "concat", "e_emotion": "shared"}
+FIELDS_ADDED_LATER: dict[str, Any] = {"g_conditioning": "concat", "d_conditioning": "concat", "e_emotion": "shared",
+                                      "d_depth": 1}
 
 
 def with_fields_added_later(section: dict[str, Any]) -> dict[str, Any]:
