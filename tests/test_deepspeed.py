@@ -160,6 +160,60 @@ def test_without_deepspeed_the_module_imports_and_the_engine_asks_for_it(shards,
     assert "Traceback" not in proc.stderr
 
 
+@needs_deepspeed
+def test_a_stale_build_lock_is_named_before_torch_waits_on_it(shards, tmp_path):
+    """A first run killed while compiling DeepSpeed's comm op leaves torch's build lock behind, and every later
+    run waited on it forever without a word (seen here after a killed test run). The trainer names the lock
+    first. The run itself still waits (torch's wait has no timeout), so the test kills it after the warning."""
+    import queue
+    import threading
+    import time
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    cmd = [sys.executable, "-m", "bicogan_dist.train", "--config", str(SMOKE), f"data.shards={shards}",
+           f"log.run_dir={tmp_path / 'run'}", *TINY, "train.engine=deepspeed",
+           f"train.deepspeed_config={DS_CONFIGS / 'zero2.json'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(env(), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()  # read on a thread: without the warning the run prints nothing, ever
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+            if seen[-1].startswith("warning: ") and str(lock) in seen[-1]:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(line.startswith(f"warning: {lock} is ") and "nothing was built beside it" in line
+               and "if no other run is compiling, delete it" in line for line in seen), "".join(seen)[-3000:]
+
+
+def test_fresh_or_built_locks_are_not_stale(tmp_path, monkeypatch):
+    from bicogan_dist.train.engine_deepspeed import stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    compiling, built = tmp_path / "deepspeed_shm_comm", tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    for folder in (compiling, built):
+        folder.mkdir(parents=True)
+        (folder / "lock").touch()
+    assert stale_build_locks() == []  # a compile in progress (fresh lock) is not stale
+    old = os.stat(compiling / "lock").st_mtime - 3600
+    for folder in (compiling, built):
+        os.utime(folder / "lock", (old, old))
+    (built / "deepspeed_shm_comm.so").touch()
+    assert stale_build_locks() == [compiling / "lock"]  # an old lock beside a built op is not stale either
+
+
 def test_checkpoint_reads_refuse_foreign_objects(tmp_path):
     from bicogan_dist.train.checkpoint import CheckpointError
     from bicogan_dist.train.engine_deepspeed import safe_torch_load

@@ -71,6 +71,8 @@ import logging
 import os
 import pickle
 import socket
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +311,26 @@ class _SafeTorch:
 
 
 # -- the engine -------------------------------------------------------------------------------------------------
+#: The comm op DeepSpeed compiles the first time a CPU process group starts (torch.utils.cpp_extension).
+SHM_OP = "deepspeed_shm_comm"
+
+
+def stale_build_locks(name: str = SHM_OP, older_than_s: float = 300.0) -> list[Path]:
+    """torch's build locks for extension ``name`` that outlived any compile (it takes about 45 s on 2 CPU cores).
+
+    While one process compiles, torch keeps ``<extensions dir>/<name>/lock`` and every other process polls
+    until it is gone, with no timeout and no owner recorded: a first run killed mid-compile leaves the lock
+    behind, and every later run then hangs without a word. A lock with a built ``.so`` beside it is not stale.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = sorted({*root.glob(f"{name}/lock"), *root.glob(f"*/{name}/lock")})  # the default root adds py311_cpu/
+    now = time.time()
+    return [lock for lock in locks
+            if now - lock.stat().st_mtime > older_than_s and not any(lock.parent.glob("*.so"))]
+
+
 class DeepSpeedEngine(Engine):
     """Two DeepSpeed ZeRO engines (``ge``, ``d``) behind the trainer's :class:`Engine` interface."""
 
@@ -341,6 +363,11 @@ class DeepSpeedEngine(Engine):
                                "MASTER_PORT": str(port)})
         self.accelerator = get_accelerator()
         on_cpu = self.accelerator.device_name() == "cpu"
+        if on_cpu:
+            for lock in stale_build_locks():
+                print(f"warning: {lock} is {time.time() - lock.stat().st_mtime:.0f} s old and nothing was built "
+                      f"beside it: a run killed while compiling DeepSpeed's comm op leaves it, and torch then "
+                      f"waits for it forever; if no other run is compiling, delete it", file=sys.stderr, flush=True)
         if not torch.distributed.is_initialized():
             # CPU: gloo (DeepSpeed's CPU default, oneCCL, is not installed); GPU: DeepSpeed's choice (nccl).
             from datetime import timedelta
