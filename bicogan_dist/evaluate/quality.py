@@ -140,6 +140,7 @@ PRESETS: dict[str, Preset] = {
               Row("diffaugment", "bicogan", ("loss.diffaugment=[translation,cutout]",), "DiffAugment on D's inputs"),
               Row("d_depth2", "bicogan", ("model.d_depth=2",),
                   "a 3x3 conv after each of D's strided convs (SNGAN's CNN D): D's features read the emotion"),
+              Row("lr_d_4e-4", "bicogan", ("optim.lr_d=4e-4",), "D learns at twice G's rate (4e-4 against 2e-4)"),
               Row("before", "bicogan", BEFORE),
               # The paper's networks at batch 128 ran 24.2 images/s in bf16 in one process here
               # (tools/bench_train.py): 30 minutes are 340 of its steps there; with the preset's two processes each
