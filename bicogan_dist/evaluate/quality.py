@@ -139,7 +139,7 @@ PRESETS: dict[str, Preset] = {
               Row("g_cbn", "bicogan", ("model.g_conditioning=cbn",), "class-conditional BatchNorm in G"),
               Row("diffaugment", "bicogan", ("loss.diffaugment=[translation,cutout]",), "DiffAugment on D's inputs"),
               Row("d_depth2", "bicogan", ("model.d_depth=2",),
-                  "a 3x3 conv after each of D's strided convs (SNGAN's CNN D): D's features read the emotion"),
+                  "a 3x3 conv after each of D's strided convs (SNGAN's CNN D)"),
               Row("lr_d_4e-4", "bicogan", ("optim.lr_d=4e-4",), "D learns at twice G's rate (4e-4 against 2e-4)"),
               Row("before", "bicogan", BEFORE),
               # The paper's networks at batch 128 ran 24.2 images/s in bf16 in one process here

@@ -315,20 +315,27 @@ class _SafeTorch:
 SHM_OP = "deepspeed_shm_comm"
 
 
-def stale_build_locks(name: str = SHM_OP, older_than_s: float = 300.0) -> list[Path]:
+def stale_build_locks(name: str = SHM_OP, older_than_s: float = 300.0) -> list[tuple[Path, float]]:
     """torch's build locks for extension ``name`` that outlived any compile (it takes about 45 s on 2 CPU cores).
 
     While one process compiles, torch keeps ``<extensions dir>/<name>/lock`` and every other process polls
     until it is gone, with no timeout and no owner recorded: a first run killed mid-compile leaves the lock
     behind, and every later run then hangs without a word. A lock with a built ``.so`` beside it is not stale.
+    Returns (lock, age in seconds) pairs.
     """
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     locks = sorted({*root.glob(f"{name}/lock"), *root.glob(f"*/{name}/lock")})  # the default root adds py311_cpu/
-    now = time.time()
-    return [lock for lock in locks
-            if now - lock.stat().st_mtime > older_than_s and not any(lock.parent.glob("*.so"))]
+    stale = []
+    for lock in locks:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # a compile that just finished
+            continue
+        if age > older_than_s and not any(lock.parent.glob("*.so")):
+            stale.append((lock, age))
+    return stale
 
 
 class DeepSpeedEngine(Engine):
@@ -364,8 +371,8 @@ class DeepSpeedEngine(Engine):
         self.accelerator = get_accelerator()
         on_cpu = self.accelerator.device_name() == "cpu"
         if on_cpu:
-            for lock in stale_build_locks():
-                print(f"warning: {lock} is {time.time() - lock.stat().st_mtime:.0f} s old and nothing was built "
+            for lock, age in stale_build_locks():
+                print(f"warning: {lock} is {age:.0f} s old and nothing was built "
                       f"beside it: a run killed while compiling DeepSpeed's comm op leaves it, and torch then "
                       f"waits for it forever; if no other run is compiling, delete it", file=sys.stderr, flush=True)
         if not torch.distributed.is_initialized():
