@@ -103,7 +103,7 @@ def test_projection_gradient_reaches_the_class_embedding():
 def test_deeper_d_adds_a_3x3_conv_per_stage_keeps_shapes_and_trains_every_conv(spectral_norm, d_batchnorm):
     """``model.d_depth=2``: after each 4x4 stride-2 conv a 3x3 stride-1 conv of the same width (SNGAN's CNN D),
     with D's spectral norm or BatchNorm on it too; the x features keep their size, so nothing else changes."""
-    cfg1, one = models(spectral_norm=spectral_norm, d_batchnorm=d_batchnorm)
+    _, one = models(spectral_norm=spectral_norm, d_batchnorm=d_batchnorm)
     cfg2, two = models(d_depth=2, spectral_norm=spectral_norm, d_batchnorm=d_batchnorm)
     convs = [m for m in two.D.x_net if isinstance(m, torch.nn.Conv2d)]
     C = cfg2.base_channels
