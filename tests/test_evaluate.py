@@ -371,6 +371,37 @@ def test_bench_quality_end_to_end_on_a_tiny_budget(built, tmp_path):
     fresh = json.loads(old.read_text())
     assert fresh["version"] == 2 and fresh["seconds"] >= 0
     assert fresh["emotion_transfer"] == stale["emotion_transfer"]  # deterministic: the same numbers again
+    # a row stopped before its report resumes from its checkpoint instead of training afresh
+    before = json.loads((out / "default" / "report.json").read_text())
+    (out / "default" / "report.json").unlink()
+    (out / "default" / "bench.json").unlink()
+    fourth = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fourth.returncode == 0, fourth.stdout[-2000:] + fourth.stderr[-3000:]
+    assert "[default] resuming the interrupted run at step 3 of 3" in fourth.stdout and "] training " not in fourth.stdout
+    assert json.loads((out / "default" / "bench.json").read_text())["resumed_from_step"] == 3
+    again_report = json.loads((out / "default" / "report.json").read_text())
+    assert again_report["conditional_accuracy"] == before["conditional_accuracy"]
+
+
+def test_an_interrupted_benchmark_row_resumes_only_what_it_started(tmp_path):
+    """A row killed mid-training keeps its checkpoints for the same steps and overrides; anything else starts over."""
+    from bicogan_dist.evaluate.quality import ROW_FILE, interrupted_step
+
+    folder = tmp_path / "row"
+    assert interrupted_step(folder, 100, ["a=1"]) is None  # nothing there
+    folder.mkdir()
+    (folder / ROW_FILE).write_text(json.dumps({"steps": 100, "overrides": ["a=1"]}))
+    assert interrupted_step(folder, 100, ["a=1"]) is None  # started, nothing saved yet
+    for step in (20, 40):
+        ckpt = folder / "run" / "checkpoints" / f"checkpoint-{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": step}))
+    (folder / "run" / "checkpoints" / "checkpoint-00000060").mkdir()  # being written when killed: no state.json
+    assert interrupted_step(folder, 100, ("a=1",)) == 40
+    assert interrupted_step(folder, 200, ["a=1"]) is None  # other steps
+    assert interrupted_step(folder, 100, ["a=2"]) is None  # other overrides
+    (folder / ROW_FILE).write_text("{not json")
+    assert interrupted_step(folder, 100, ["a=1"]) is None
 
 
 def test_every_quality_preset_row_is_a_valid_config():

@@ -117,6 +117,8 @@ _ABLATIONS = (
     Row("ttur", "quickstart", ("optim.lr_d=4e-4", "optim.lr_ge=1e-4"), "TTUR learning rates"),
     Row("adc", "quickstart", ADC,
         "ADC-GAN's real-k / fake-k head on D"),
+    Row("fake_emotion", "quickstart", ("loss.fake_emotion_weight=1",),
+        "E (frozen, trained on the reals only) reads G's fakes as the emotion asked for, weight 1"),
     Row("cgan", "quickstart", ("model.kind=cgan",), "cGAN (no encoder) with the same recipe"),
     Row("e_branch", "quickstart", ("model.e_emotion=branch",),
         "E's own emotion branch (bicogan.yaml's default) instead of the quick start's shared head"),
@@ -141,6 +143,9 @@ PRESETS: dict[str, Preset] = {
               Row("d_depth2", "bicogan", ("model.d_depth=2",),
                   "a 3x3 conv after each of D's strided convs (SNGAN's CNN D)"),
               Row("lr_d_4e-4", "bicogan", ("optim.lr_d=4e-4",), "D learns at twice G's rate (4e-4 against 2e-4)"),
+              Row("fake_emotion", "bicogan", ("loss.fake_emotion_weight=1",),
+                  "E (frozen, trained on the reals only) reads G's fakes as the emotion asked for, weight 1"),
+              Row("fake_emotion_0.1", "bicogan", ("loss.fake_emotion_weight=0.1",), "the same at weight 0.1"),
               Row("before", "bicogan", BEFORE),
               # The paper's networks at batch 128 ran 24.2 images/s in bf16 in one process here
               # (tools/bench_train.py): 30 minutes are 340 of its steps there; with the preset's two processes each
@@ -194,7 +199,8 @@ def train_run(name: str, config: Path, run_dir: Path, shards: Path, steps: int, 
     """One training run as a subprocess, ``[launch] -m bicogan_dist.train --config ... key=value ...``; wall seconds.
 
     A run folder that already holds checkpoints is resumed (an interrupted run continues, a
-    finished one stops at once). Failure raises ``QualityError`` with the log's tail.
+    finished one stops at once); ``run_quality`` keeps such a folder only for the row that made it
+    (``interrupted_step``). Failure raises ``QualityError`` with the log's tail.
     """
     from bicogan_dist.train import checkpoint as ckpt
 
@@ -218,6 +224,26 @@ def train_run(name: str, config: Path, run_dir: Path, shards: Path, steps: int, 
     if rc != 0:
         raise QualityError(f"{name}: training exited with status {rc}; last lines of {log_file}:\n{tail(log_file)}")
     return time.perf_counter() - t0
+
+
+#: What a row's training was started with, written before it trains: an interrupted row resumes only when its
+#: steps and overrides are the same.
+ROW_FILE = "row.json"
+
+
+def interrupted_step(folder: Path, steps: int, overrides: Sequence[str]) -> int | None:
+    """The step of the latest checkpoint of a row stopped before its report, when the row was started with these
+    ``steps`` and ``overrides`` (training resumes exactly from it, section 2 of the README); None otherwise."""
+    from bicogan_dist.train import checkpoint as ckpt
+
+    try:
+        started = json.loads((folder / ROW_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    found = ckpt.list_checkpoints(folder / "run")
+    if started != {"steps": steps, "overrides": list(overrides)} or not found:
+        return None
+    return int(json.loads((found[-1] / ckpt.STATE_FILE).read_text())["step"])
 
 
 def images_per_second(run_dir: Path) -> float | None:
@@ -267,6 +293,7 @@ def summarise(row: Row, report: dict[str, Any], bench: dict[str, Any]) -> dict[s
         "transfer_success": tr["overall"] if tr else None,
         "reconstruction_mae": rec["mae_grey_levels"] if rec else None,
         "images_per_s": bench.get("images_per_s"), "train_seconds": bench.get("train_seconds"),
+        "resumed_from_step": bench.get("resumed_from_step"),
         "grid": bench.get("grid"), "report": bench.get("report"),
     }
 
@@ -324,9 +351,15 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
                                f"replace it or choose another --out")
         exported = None  # loaded at most once per row: after training, or for truncations still to evaluate
         if bench is None or not report_json.is_file():
-            if folder.exists():
-                shutil.rmtree(folder)  # a row interrupted before its report: train it afresh
-            log(f"[{row.name}] training {row_steps} steps ({row.config}.yaml {' '.join(extra)})")
+            resumed_from = interrupted_step(folder, row_steps, extra)
+            if resumed_from is None:
+                if folder.exists():
+                    shutil.rmtree(folder)  # another row's leftovers, or nothing saved yet: train it afresh
+                folder.mkdir(parents=True)
+                (folder / ROW_FILE).write_text(json.dumps({"steps": row_steps, "overrides": extra}) + "\n")
+                log(f"[{row.name}] training {row_steps} steps ({row.config}.yaml {' '.join(extra)})")
+            else:
+                log(f"[{row.name}] resuming the interrupted run at step {resumed_from} of {row_steps}")
             seconds = train_run(row.name, CONFIGS / f"{row.config}.yaml", folder / "run", shards, row_steps, extra,
                                 default_launch(device) if launch is None else launch, folder / "train.log")
             export_checkpoint(folder / "run", folder / "export", force=True)
@@ -339,7 +372,9 @@ def run_quality(preset_name: str, classifier_dir: str | Path, out_dir: str | Pat
             save_panel(grid_panel(exported, list(range(8))), folder / "grid.png")
             bench = {"steps": row_steps, "overrides": extra, "classifier_sha256": clf.weights_sha256,
                      "train_seconds": round(seconds, 1), "images_per_s": images_per_second(folder / "run"),
-                     "grid": str(folder / "grid.png"), "report": str(report_json)}
+                     "grid": str(folder / "grid.png"), "report": str(report_json),
+                     # train_seconds covers only the steps after this one when a run was resumed
+                     "resumed_from_step": resumed_from}
             bench_json.write_text(json.dumps(bench, indent=2) + "\n")
         else:
             log(f"[{row.name}] reusing {report_json}")
@@ -413,7 +448,8 @@ def quality_markdown(result: QualityResult) -> str:
             r["name"], str(r["steps"]), _pct(r["conditional_accuracy"]), _num(r["intra_class_diversity"]),
             _num(r["pixel_diversity"]), _num(r["fid_training"]),
             _num(r["per_class_fid"]), _pct(r["encoder_accuracy"]), _pct(r["transfer_success"]),
-            _num(r["reconstruction_mae"], 1), _num(r["images_per_s"], 0), _num(r["train_seconds"], 0)]) + " |")
+            _num(r["reconstruction_mae"], 1), _num(r["images_per_s"], 0),
+            ("+" if r.get("resumed_from_step") else "") + _num(r["train_seconds"], 0)]) + " |")
     if rows and rows[0]["conditional_accuracy_per_class"]:
         names = list(rows[0]["conditional_accuracy_per_class"])
         lines += ["", "Conditional accuracy per emotion:", "",
