@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -324,6 +326,72 @@ def test_emotion_branch_is_the_default_where_e_reads_emotions_and_old_exports_re
     assert desc["encoder_emotion"] == "branch" and config_from_description(desc).e_emotion == "branch"
     old = {k: v for k, v in desc["config"].items() if k != "e_emotion"}  # an export written before the option
     assert config_from_description({"config": old}).e_emotion == "shared"
+
+
+# ----------------------------------------------------------------------------- E reading the fakes
+@pytest.mark.parametrize("arch, e_emotion", [("ours", "branch"), ("ours", "shared"), ("paper", "shared")])
+def test_fake_emotion_loss_is_e_eval_cross_entropy_and_trains_g_alone(arch, e_emotion):
+    from bicogan_dist.models.losses import fake_emotion_loss
+
+    if arch == "paper":
+        torch.manual_seed(0)
+        m = build_models(ModelConfig(arch="paper", z_dim=16, channels_last=False), N_CLS)
+    else:
+        _, m = models(e_emotion=e_emotion)
+    m.train()
+    z, c = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 4, 5])
+    fake = m.G(z, c)
+    bns = [mod for mod in m.E.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    stats = [b.running_mean.clone() for b in bns]
+    loss = fake_emotion_loss(m.E, fake, c)
+    # E as it classifies at evaluation: running statistics, no dropout; and left in training mode, trainable
+    assert m.E.training and all(p.requires_grad for p in m.E.parameters())
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(stats, bns))
+    m.E.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(m.E(fake.detach())[1], c)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in m.E.parameters())  # no private code for E to learn from the fakes
+    assert all(p.grad is not None for p in m.G.parameters()) and m.G.fc.weight.grad.abs().sum() > 0
+
+
+def test_fake_emotion_term_leaves_e_gradients_to_its_real_view():
+    """In one graph with the emotion loss on the real view (as the trainer sums them), E's gradients are those of
+    the real view alone, and G's those of the fake term alone."""
+    from bicogan_dist.models.losses import fake_emotion_loss
+    from bicogan_dist.train.engine_base import GeneratorEncoder
+
+    _, m = models(e_emotion="branch")
+    ge = GeneratorEncoder(m.G, m.E)
+    z, c, x, x_view = branch_inputs()
+    y = torch.tensor([3, 2, 1, 0])
+    start = copy.deepcopy(m.state_dict())  # each forward of the real view moves the branch's running statistics
+
+    def grads(with_fake: bool, with_real: bool) -> dict[str, torch.Tensor]:
+        m.load_state_dict(start)
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the branch's dropout masks
+        out = ge(z, c, x, x_efl=x_view)
+        loss = (F.cross_entropy(out.c_logits, y) if with_real else 0) + \
+            (fake_emotion_loss(m.E, out.fake, c) if with_fake else 0)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    both, real_only, fake_only = grads(True, True), grads(False, True), grads(True, False)
+    e_keys = {n for n in both if n.startswith("E.")}
+    assert e_keys == set(real_only) and e_keys and not any(n.startswith("E.") for n in fake_only)
+    assert all(torch.allclose(both[n], real_only[n], atol=1e-6) for n in e_keys)
+    assert all(torch.allclose(both[n], fake_only[n], atol=1e-7) for n in fake_only)  # G's, from the fakes
+
+
+def test_fake_emotion_weight_validated_and_off_by_default():
+    assert LossConfig().fake_emotion_weight == 0.0
+    assert LossConfig(fake_emotion_weight=1).fake_emotion_weight == 1.0
+    with pytest.raises(ConfigError, match=r"^loss.fake_emotion_weight must be >= 0, got -0.5"):
+        LossConfig(fake_emotion_weight=-0.5)
+    with pytest.raises(ConfigError, match=r"^loss.fake_emotion_weight must be a finite number, got 'x'"):
+        LossConfig(fake_emotion_weight="x")
 
 
 # ----------------------------------------------------------------------------- diversity metric

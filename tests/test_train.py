@@ -82,7 +82,7 @@ def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
                               *PROBE, str(out), "--config", str(SMOKE), f"data.shards={shards}",
                               f"log.run_dir={run_dir}", *TINY, "train.max_steps=6", "log.log_every=2",
                               "loss.mode_seeking_weight=1",  # the optional terms too
-                              "loss.recon_weight=1", "loss.efl_augment=[flip,cutout]",
+                              "loss.recon_weight=1", "loss.efl_augment=[flip,cutout]", "loss.fake_emotion_weight=1",
                               "model.channels_last=auto",  # rank 0 measures, both ranks take its choice
                               "log.image_every=3", "log.checkpoint_every=3", "log.keep_checkpoints=1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
 
     scalars, images = scalars_and_images(run_dir)
     expected = {"loss/d", "loss/ge", "loss/ge_adversarial", "loss/efl", "loss/latent_cycle", "loss/mode_seeking",
-                "loss/reconstruction",
+                "loss/reconstruction", "loss/fake_emotion",
                 "efl/gamma",
                 "D/real_score", "D/fake_score", "encoder/batch_accuracy", "encoder/heldout_accuracy", "grad_norm/d",
                 "grad_norm/ge", "lr/ge", "lr/d", "perf/images_per_s", "epoch"}
@@ -130,7 +130,7 @@ def test_two_process_ddp_stays_in_sync_and_logs(shards, tmp_path):
 def test_resume_equals_straight_run(shards, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = ["log.checkpoint_every=100", "augment.ops=[affine_rotate]",  # and every seeded option
-              "loss.efl_augment=[flip,translation,cutout]", "loss.recon_weight=1"]
+              "loss.efl_augment=[flip,translation,cutout]", "loss.recon_weight=1", "loss.fake_emotion_weight=1"]
     proc = run(train_cmd(straight, shards, "train.max_steps=8", *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run(train_cmd(split, shards, "train.max_steps=4", *common))

@@ -79,6 +79,12 @@ class LossConfig:
     # needs; the latent cycle only teaches E on G's own fakes (FER2013: reconstruction error 25.1 grey levels
     # against 34.7 without it, FID unchanged; README, section 7). 0 = off.
     recon_weight: float = 1.0
+    # E reads the fakes (bicogan): fake_emotion_weight * CE(E_c(view of G(z, c)), c), with E frozen and in eval
+    # mode for this term, so only G learns from it and E's emotion head and batch statistics stay those of the
+    # real faces (trained jointly, E learnt to read a private code in the fakes: README, section 3). The view is
+    # E's own ``efl_augment`` of the fakes. Pushes every z to show the asked emotion, not only the typical ones.
+    # 0 = off.
+    fake_emotion_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -92,13 +98,13 @@ class LossConfig:
             raise ConfigError(f"loss.efl_augment: {self.efl_augment!r} must be a list drawn from {list(DIFF_AUGMENTS)}")
         self.efl_augment = list(self.efl_augment)
         for name in ("gp_weight", "clip_value", "efl_alpha", "efl_rho", "efl_phi", "latent_weight",
-                     "mode_seeking_weight", "adc_weight", "recon_weight"):
+                     "mode_seeking_weight", "adc_weight", "recon_weight", "fake_emotion_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"loss.{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
         for name in ("gp_weight", "efl_alpha", "efl_phi", "latent_weight", "mode_seeking_weight", "adc_weight",
-                     "recon_weight"):
+                     "recon_weight", "fake_emotion_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.mode_seeking_pool, bool) or not isinstance(self.mode_seeking_pool, int) \
@@ -178,6 +184,28 @@ def clip_weights_(D: nn.Module, clip_value: float) -> None:
 def efl_loss(c_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Extrinsic factor loss: cross-entropy between E's emotion logits and the true emotion."""
     return F.cross_entropy(c_logits, labels)
+
+
+def fake_emotion_loss(encoder: nn.Module, fake: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of E's emotion logits for ``fake`` against the asked emotions ``c``; the gradient reaches G only.
+
+    E runs in eval mode (BatchNorm's running statistics of the reals, no dropout) with its parameters frozen for
+    this call alone; both are restored before returning, so the graph of E's own losses is untouched.
+    """
+    was_training = encoder.training
+    flags = [(p, p.requires_grad) for p in encoder.parameters()]
+    try:
+        encoder.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        logits = encoder.encode_c(fake)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        encoder.train(was_training)
+    if logits is None:
+        raise ValueError("fake_emotion_loss: the encoder has no emotion head (model.kind must be bicogan)")
+    return F.cross_entropy(logits.float(), c)
 
 
 def latent_cycle_loss(z_rec: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

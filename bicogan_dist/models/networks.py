@@ -341,6 +341,10 @@ class Encoder(nn.Module):
         """E_z(x) alone (the latent cycle's fakes)."""
         return self(x)[0]
 
+    def encode_c(self, x: torch.Tensor) -> torch.Tensor | None:
+        """E_c(x) alone: emotion logits, None without an emotion head (E reading the fakes)."""
+        return self(x)[1]
+
     def encode_views(self, x: torch.Tensor, x_emotion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(E_z(x), E_c(x_emotion)) in one call over both views: GroupNorm (``ours``) is per sample; the
         paper E's BatchNorm sees both views."""
@@ -384,6 +388,11 @@ class OursEncoder(Encoder):
 
     def encode_z(self, x: torch.Tensor) -> torch.Tensor:
         return self.z_head(self.features(x))
+
+    def encode_c(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.emotion is not None:
+            return self.emotion(x)
+        return super().encode_c(x)
 
     def encode_views(self, x: torch.Tensor, x_emotion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.emotion is not None:

@@ -8,7 +8,8 @@ step), plus the extrinsic factor loss on E's emotion logits for real images and
 (unless ``loss.latent_weight`` is 0) the latent cycle loss ||E_z(G(z, c)) - z||^2.
 Optional terms, each a config weight: mode seeking over fake pairs (2i, 2i + 1) that share
 an emotion, ADC-GAN's real-k / fake-k head on D, DiffAugment on every image D sees, an
-augmented view of x for E's emotion head alone, and the reconstruction |G(E_z(x), y) - x|.
+augmented view of x for E's emotion head alone, the reconstruction |G(E_z(x), y) - x|, and E
+(frozen) reading G's fakes as the emotion they were asked for.
 
 Exact resume: the data order is a pure function of (seed, epoch, rank) and z (and D's
 augmentation) of (seed, step, rank), so a checkpoint needs models, optimizers, scalers, EMA, each
@@ -37,7 +38,8 @@ from bicogan_dist.data.manifest import ShardManifest
 from bicogan_dist.imaging import to_model_range
 from bicogan_dist.models import diffaugment
 from bicogan_dist.models.losses import (clip_weights_, d_loss, efl_loss, efl_weight, ge_loss, gradient_penalty,
-                                        adc_d_loss, adc_g_loss, latent_cycle_loss, mode_seeking_loss,
+                                        adc_d_loss, adc_g_loss, fake_emotion_loss, latent_cycle_loss,
+                                        mode_seeking_loss,
                                         reconstruction_loss)
 from bicogan_dist.models.networks import build_models
 from bicogan_dist.train import checkpoint as ckpt
@@ -228,6 +230,7 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
     mode_seeking = cfg.loss.mode_seeking_weight > 0
     adc_on = conditional and cfg.loss.adc_weight > 0
     recon_on = bidirectional and cfg.loss.recon_weight > 0
+    fake_emotion_on = efl_on and cfg.loss.fake_emotion_weight > 0
 
     start_step = 0
     if start is not None:  # every rank loads rank 0's choice and confirms the step it loaded
@@ -360,6 +363,16 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
             if recon_on:
                 loss_recon = reconstruction_loss(recon, x)
                 loss_ge = loss_ge + cfg.loss.recon_weight * loss_recon
+            loss_fake_emotion = None
+            if fake_emotion_on:  # E (frozen) reads G's fakes through the view it learns emotions from
+                view = fake
+                if cfg.loss.efl_augment:
+                    fe_gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, rank, "fake_emo"))
+                    view = diffaugment.apply(fake, diffaugment.sample(cfg.loss.efl_augment, b, fake.shape[-1], fe_gen,
+                                                                      device))
+                with engine.autocast():
+                    loss_fake_emotion = fake_emotion_loss(ge_raw.E, view, c)
+                loss_ge = loss_ge + cfg.loss.fake_emotion_weight * loss_fake_emotion
             loss_ms = None
             if mode_seeking:
                 loss_ms = mode_seeking_loss(fake, z, pool=cfg.loss.mode_seeking_pool)
@@ -378,6 +391,8 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
                 metrics["loss/mode_seeking"] = loss_ms
             if loss_recon is not None:
                 metrics["loss/reconstruction"] = loss_recon
+            if loss_fake_emotion is not None:
+                metrics["loss/fake_emotion"] = loss_fake_emotion
             if loss_adc_d is not None:
                 metrics["loss/adc_d"] = loss_adc_d
             if efl_on:
