@@ -378,6 +378,10 @@ def _train(cfg: ExperimentConfig, engine: Engine, run_dir: Path, start: ckpt.Res
                 loss_ms = mode_seeking_loss(fake, z, pool=cfg.loss.mode_seeking_pool)
                 loss_ge = loss_ge + cfg.loss.mode_seeking_weight * loss_ms
             norm_ge = engine.step("ge", loss_ge, want_norm)
+            if fake_emotion_on and world > 1:
+                # The fake-emotion term reads E's running statistics, so they shape training: kept equal on every
+                # rank each step, a resumed run (whose checkpoint averaged them) goes on exactly like a straight one.
+                average_buffers([ge_raw.E], engine)
             update_ema(G_ema, ge_raw.G, ema_decay_at(step, ema_decay))
             health.record(step + 1, loss_d, loss_ge, loss_efl)  # on the device: no host sync per step
             step += 1
